@@ -1,0 +1,113 @@
+"""Adapter topology (which LoRA adapters exist), per-micro-batch activation, and gather-safe export.
+
+- hard sharing: one adapter, ``shared``, trained by every task;
+- soft sharing: one adapter per task, named after the task.
+
+All adapters are trainable from the start and stay so: DeepSpeed registers its gradient hooks and
+optimizer groups once, at ``initialize``. Switching tasks therefore only changes which adapter the
+LoRA layers *use* (``_active_adapter``), never ``requires_grad`` (PEFT's ``set_adapter`` would).
+An inactive adapter takes no part in the forward pass, so its gradient is exactly zero.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+SHARED = "shared"
+
+
+def adapter_names(sharing: str, tasks: list[str]) -> list[str]:
+    return [SHARED] if sharing == "hard" else list(tasks)
+
+
+def adapter_for_task(sharing: str, task: str) -> str:
+    return SHARED if sharing == "hard" else task
+
+
+def attach_adapters(model, lora_cfg, names: list[str], seed: int):
+    """Wrap ``model`` in a PeftModel holding one LoRA adapter per name, all trainable.
+
+    Seeded so that every rank initialises identical adapters.
+    """
+    import peft
+
+    config = peft.LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                             target_modules=_targets(lora_cfg.target_modules), task_type="CAUSAL_LM", bias="none")
+    torch.manual_seed(seed)
+    pm = peft.get_peft_model(model, config, adapter_name=names[0])
+    for name in names[1:]:
+        pm.add_adapter(name, copy.deepcopy(config))
+    for n, p in pm.named_parameters():
+        p.requires_grad = "lora_" in n
+    activate(pm, names[0])
+    return pm
+
+
+def _targets(modules: list[str]):
+    return "all-linear" if modules == ["all-linear"] else list(modules)
+
+
+def activate(model, name: str) -> None:
+    """Make ``name`` the adapter every LoRA layer applies, without touching ``requires_grad``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module._active_adapter = [name]
+
+
+def lora_parameters(model, name: str | None = None) -> dict[str, torch.nn.Parameter]:
+    """The LoRA parameters of adapter ``name`` (all adapters when None), by full parameter name."""
+    return {n: p for n, p in model.named_parameters()
+            if "lora_" in n and (name is None or f".{name}." in n)}
+
+
+def gathered_adapter_state(model, name: str) -> dict[str, torch.Tensor]:
+    """Full (un-partitioned) CPU copies of adapter ``name``'s tensors, keyed as PEFT saves them.
+
+    Collective under ZeRO-3: every rank must call it. ``GatheredParameters`` is a no-op for
+    parameters DeepSpeed does not partition (ZeRO-0/1/2, or a plain model).
+    """
+    import deepspeed
+    from peft.utils import get_peft_model_state_dict
+
+    params = lora_parameters(model, name)
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+        full = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+    state = get_peft_model_state_dict(model, state_dict=full, adapter_name=name, save_embedding_layers=False)
+    for key, tensor in state.items():
+        if tensor.numel() == 0:
+            raise RuntimeError(f"adapter {name!r}: {key} gathered empty; refusing to save a hollow adapter")
+    return state
+
+
+def save_adapter(model, name: str, out_dir: str | os.PathLike, base_model: str, is_writer: bool) -> None:
+    """Write adapter ``name`` to ``out_dir`` in the standard PEFT layout
+    (adapter_config.json + adapter_model.safetensors), loadable by ``PeftModel.from_pretrained``.
+
+    Collective (gathers ZeRO-3 partitions); only ``is_writer`` writes. Written to a temporary
+    directory and renamed, so a crash never leaves a complete-looking partial adapter.
+    """
+    from safetensors.torch import save_file
+
+    state = gathered_adapter_state(model, name)
+    if not is_writer:
+        return
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = copy.deepcopy(model.peft_config[name])
+    config.base_model_name_or_path = base_model
+    config.inference_mode = True
+    config.save_pretrained(str(tmp))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    shapes = {k: list(v.shape) for k, v in state.items()}
+    (tmp / "mtl_scale_adapter.json").write_text(json.dumps({"adapter": name, "tensors": shapes}, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)

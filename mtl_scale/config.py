@@ -1,0 +1,335 @@
+"""The run configuration: one typed schema, loaded from YAML, overridable with dotted ``key=value``.
+
+    cfg = load_config("configs/demo.yaml", ["sharing=soft", "lora.r=16"])
+
+Every key a user can write is a dataclass field below, with its meaning in the docstring under it.
+Unknown keys are rejected with the list of valid ones; bad values name the key and what is allowed.
+This module imports nothing of mtl_scale but its error type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtl_scale.errors import UserError
+
+
+class ConfigError(UserError):
+    """A user-facing configuration error (printed without a traceback by the launchers)."""
+
+
+# The embedded default model: built and cached locally on first use (see mtl_scale.model).
+TINY_MODEL = "builtin:tiny-llama"
+
+SHARING_MODES = ("hard", "soft")
+DTYPES = ("fp32", "bf16", "fp16")
+TASK_FORMATS = ("prompt_completion", "alpaca", "chat")
+SAMPLING_STRATEGIES = ("proportional", "temperature", "uniform", "manual")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+TRUNCATION = ("truncate", "drop")
+
+
+@dataclass
+class ModelConfig:
+    path: str = TINY_MODEL
+    """A local directory or hub id loadable by ``AutoModelForCausalLM.from_pretrained``, or
+    ``builtin:tiny-llama`` for the embedded default (built and cached on first use)."""
+    dtype: str = "fp32"
+    """Training dtype of the base weights: fp32 | bf16 | fp16. Use bf16 on GPUs; CPU runs need fp32."""
+    attn_implementation: str = "sdpa"
+    """Passed to ``from_pretrained``: sdpa | eager | flash_attention_2 (GPU, needs flash-attn)."""
+    trust_remote_code: bool = False
+    """Run code shipped with the checkpoint. Off unless you trust the checkpoint's source."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% more compute. Use it for 7B+ models."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    """LoRA rank: higher adapts more and costs more memory."""
+    alpha: float = 32.0
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Module names (suffixes) that get a LoRA adapter, or ["all-linear"]."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = ""
+    """Unique task name; also the adapter name under soft sharing."""
+    source: str = ""
+    """A local .jsonl/.json/.parquet/.csv file, a hub dataset id, or ``builtin:<generator>``
+    (copy, reverse, sort, add)."""
+    format: str = "prompt_completion"
+    """prompt_completion | alpaca (instruction/input/output) | chat (a ``messages`` list)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Maps this format's field names to the dataset's column names, e.g. {prompt: question}."""
+    split: str = "train"
+    """Split to read from a hub dataset or a local file."""
+    subset: str | None = None
+    """Hub dataset configuration name, if it has several."""
+    num_examples: int | None = None
+    """Use at most this many examples (None: all). For builtin generators: how many to generate."""
+    eval_size: int = 100
+    """Examples held out for evaluation (taken before training examples, deterministic by seed)."""
+
+
+@dataclass
+class SamplingConfig:
+    strategy: str = "proportional"
+    """Which task each micro-batch group comes from: proportional (p ∝ n) | temperature
+    (p ∝ n^(1/T)) | uniform | manual (``weights``)."""
+    temperature: float = 1.0
+    """T for strategy=temperature: 1 is proportional, large T approaches uniform."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Per-task weights for strategy=manual (normalised to sum 1)."""
+    tasks_per_step: int = 4
+    """Task draws per optimizer step (with replacement; repeated draws of a task are grouped)."""
+    micro_batches_per_task: int = 1
+    """Micro-batches per task draw. Gradient accumulation = tasks_per_step * micro_batches_per_task."""
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 64
+    """Upper bound on generated tokens for exact match (the reference length + 2 if shorter)."""
+    batch_size: int = 32
+    """Examples per generation batch."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sharing: str = "soft"
+    """hard: one adapter shared by all tasks | soft: one adapter per task."""
+    tasks: list[TaskConfig] = field(default_factory=list)
+    """The tasks to train on, each with a unique name."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    max_steps: int = 100
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Examples per micro-batch per rank."""
+    max_seq_len: int = 512
+    """Longest tokenised example (prompt + completion)."""
+    truncation: str = "truncate"
+    """For examples longer than max_seq_len: truncate (cut the end) | drop. Either way, an example
+    whose completion would be cut away completely is dropped; both are counted and logged."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    lr_schedule: str = "cosine"
+    """constant | cosine | linear decay to 10% of lr after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 disables)."""
+    seed: int = 0
+    """Seeds data order, task schedule and adapter initialisation (identical on every rank)."""
+    output_dir: str = "runs/demo"
+    """Where adapters, metrics.jsonl and TensorBoard events go."""
+    deepspeed_config: str = "ds_configs/zero3.json"
+    """DeepSpeed JSON; its "auto" values are filled from this config. Relative paths resolve
+    against the current directory, then the mtl_scale checkout."""
+    log_every: int = 1
+    """Write metrics every N optimizer steps."""
+    dist_timeout_s: int = 600
+    """Collective timeout: a rank stuck this long (a peer died) aborts instead of hanging."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML file (or start from defaults when ``path`` is None), apply ``key=value``
+    overrides, build the typed config and validate it."""
+    raw: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(RunConfig, raw, where, prefix="")
+    validate(cfg, where)
+    return cfg
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. lora.r=16)")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, key)]
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is not a mapping")
+    # YAML parsing of the value gives ints, floats, bools, lists ("[a, b]") and mappings for free.
+    parsed = yaml.safe_load(value) if value.strip() else ""
+    if isinstance(node, list):
+        node[_list_index(node, parts[-1], key)] = parsed
+    else:
+        node[parts[-1]] = parsed
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {key}: {part!r} is not an index below {len(node)}")
+    return int(part)
+
+
+def _build(cls, raw: Any, where: str, prefix: str):
+    """Recursively turn a mapping into dataclass ``cls``, rejecting unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {prefix}{unknown[0]!s}; valid keys"
+                          f"{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _convert(hints[name], value, where, f"{prefix}{name}") for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _convert(tp, value, where: str, key: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, key + ".")
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        return _convert(tp, value, where, key)
+    if origin is list:
+        if isinstance(value, str) and args[0] is str:
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        return [_convert(args[0], v, where, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        return {str(k): _convert(args[1], v, where, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _one_of(where: str, key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}: {key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _positive(where: str, key: str, value, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{where}: {key} must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+
+def validate(cfg: RunConfig, where: str = "<config>") -> None:
+    """Checks that need more than one field, or a value from a fixed set."""
+    _one_of(where, "sharing", cfg.sharing, SHARING_MODES)
+    _one_of(where, "model.dtype", cfg.model.dtype, DTYPES)
+    _one_of(where, "sampling.strategy", cfg.sampling.strategy, SAMPLING_STRATEGIES)
+    _one_of(where, "lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
+    _one_of(where, "truncation", cfg.truncation, TRUNCATION)
+    for key in ("max_steps", "micro_batch_size", "max_seq_len", "lora.r", "sampling.tasks_per_step",
+                "sampling.micro_batches_per_task", "log_every", "eval.batch_size", "dist_timeout_s"):
+        _positive(where, key, _get(cfg, key))
+    for key in ("lr", "lora.alpha", "sampling.temperature"):
+        _positive(where, key, _get(cfg, key))
+    for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval.max_new_tokens"):
+        _positive(where, key, _get(cfg, key), zero_ok=True)
+    if not 0 <= cfg.lora.dropout < 1:
+        raise ConfigError(f"{where}: lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    if not cfg.lora.target_modules:
+        raise ConfigError(f"{where}: lora.target_modules is empty; name at least one module, or all-linear")
+    if not cfg.tasks:
+        raise ConfigError(f"{where}: tasks is empty; give at least one task with name, source and format")
+    names = set()
+    for i, t in enumerate(cfg.tasks):
+        key = f"tasks.{i}"
+        if not t.name:
+            raise ConfigError(f"{where}: {key}.name is missing; every task needs a unique name")
+        if not t.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{where}: {key}.name={t.name!r} may hold only letters, digits, '_' and '-' "
+                              "(it names the adapter directory)")
+        if t.name in names:
+            raise ConfigError(f"{where}: duplicate task name {t.name!r} ({key}); task names must be unique")
+        names.add(t.name)
+        if not t.source:
+            raise ConfigError(f"{where}: {key}.source is missing for task {t.name!r}")
+        _one_of(where, f"{key}.format (task {t.name!r})", t.format, TASK_FORMATS)
+        _positive(where, f"{key}.eval_size", t.eval_size, zero_ok=True)
+        if t.num_examples is not None:
+            _positive(where, f"{key}.num_examples", t.num_examples)
+    if cfg.sampling.strategy == "manual":
+        missing = sorted(names - set(cfg.sampling.weights))
+        extra = sorted(set(cfg.sampling.weights) - names)
+        if missing or extra:
+            raise ConfigError(f"{where}: sampling.weights must give one weight per task; "
+                              f"missing: {missing or 'none'}, unknown: {extra or 'none'}; tasks: {sorted(names)}")
+        if any(w < 0 for w in cfg.sampling.weights.values()) or sum(cfg.sampling.weights.values()) <= 0:
+            raise ConfigError(f"{where}: sampling.weights must be >= 0 with a positive sum")
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def valid_keys(cls=RunConfig, prefix: str = "") -> list[str]:
+    """All dotted keys of the schema (used by docs and tests)."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += valid_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys

@@ -1,0 +1,116 @@
+"""Formats -> (prompt text, completion text) -> token ids with completion-only labels.
+
+Loss is taken on completion tokens only: prompt positions get label -100. The sequence is
+``[bos] prompt completion eos``; prompt and completion are tokenised separately so the boundary
+between them is exact (no token straddles it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mtl_scale.errors import UserError
+
+IGNORE = -100
+
+ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n"
+                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def render(row: dict, fmt: str, tokenizer) -> tuple[str, str]:
+    """The prompt and completion text of one row of format ``fmt``."""
+    if fmt == "prompt_completion":
+        return row["prompt"], row["completion"]
+    if fmt == "alpaca":
+        template = ALPACA_WITH_INPUT if row.get("input") else ALPACA_NO_INPUT
+        return template.format(instruction=row["instruction"], input=row.get("input") or ""), row["output"]
+    if fmt == "chat":
+        return _render_chat(row["messages"], tokenizer)
+    raise ValueError(fmt)
+
+
+def _render_chat(messages: list[dict], tokenizer) -> tuple[str, str]:
+    """The last assistant turn is the completion; everything before it (rendered with the tokenizer's
+    chat template and its generation prompt) is the prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not full.startswith(prompt):
+            raise UserError("the tokenizer's chat template renders the conversation differently with and without "
+                            "its last assistant turn, so the completion cannot be separated from the prompt")
+        return prompt, full[len(prompt):]
+    # No template (e.g. a base model): a plain, documented rendering.
+    prompt = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages[:-1]) + "<|assistant|>\n"
+    return prompt, messages[-1]["content"]
+
+
+@dataclass
+class Encoded:
+    """Tokenised examples of one task split, plus what truncation did to it."""
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    prompt_lens: list[int]
+    truncated: int = 0
+    dropped: int = 0
+    references: list[str] = field(default_factory=list)
+    """The completion texts (exact-match references)."""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, truncation: str = "truncate") -> Encoded:
+    """Tokenise rows; examples longer than ``max_seq_len`` are cut at the end (``truncate``) or
+    dropped (``drop``); an example left without completion tokens is always dropped."""
+    pairs = [render(r, fmt, tokenizer) for r in rows]
+    # Chat templates write their own special tokens (bos included) into the text.
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and fmt != "chat" else []
+    eos = tokenizer.eos_token_id
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    out = Encoded([], [], [])
+    for (_, ref), p, c in zip(pairs, prompts, completions):
+        p = bos + p
+        if eos is not None and (not c or c[-1] != eos):
+            c = c + [eos]
+        if len(p) + len(c) > max_seq_len:
+            if truncation == "drop" or len(p) >= max_seq_len:
+                out.dropped += 1
+                continue
+            c = c[:max_seq_len - len(p)]
+            out.truncated += 1
+        out.input_ids.append(p + c)
+        out.labels.append([IGNORE] * len(p) + c)
+        out.prompt_lens.append(len(p))
+        out.references.append(ref)
+    return out
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (input_ids, labels) pairs into a batch; padding is masked from attention and loss."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(examples):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(lab)] = torch.tensor(lab)
+        attention_mask[i, :len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL over labelled positions and their count.
+
+    logits (B, T, V), labels (B, T): position t predicts labels[t + 1].
+    """
+    shift_logits = logits[:, :-1].float()  # fp32 softmax: bf16 logits lose the small probabilities
+    shift_labels = labels[:, 1:]
+    loss_sum = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+        ignore_index=IGNORE, reduction="sum")
+    return loss_sum, (shift_labels != IGNORE).sum()

@@ -1,0 +1,96 @@
+"""Read a DeepSpeed JSON config and fill its ``"auto"`` values from the run config.
+
+The batch geometry is owned by the run config (the engine's step schedule depends on it), so a
+number in the JSON that disagrees with it is an error rather than silently winning.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from mtl_scale.config import RunConfig
+from mtl_scale.errors import UserError
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def resolve_path(path: str) -> Path:
+    """``path`` as given, else relative to the mtl_scale checkout (for the shipped ds_configs/)."""
+    p = Path(path).expanduser()
+    if p.is_file() or p.is_absolute():
+        return p
+    return CHECKOUT / p if (CHECKOUT / p).is_file() else p
+
+
+def gradient_accumulation_steps(cfg: RunConfig) -> int:
+    return cfg.sampling.tasks_per_step * cfg.sampling.micro_batches_per_task
+
+
+def build_ds_config(cfg: RunConfig, world_size: int, hidden_size: int) -> dict:
+    path = resolve_path(cfg.deepspeed_config)
+    if not path.is_file():
+        raise UserError(f"deepspeed_config={cfg.deepspeed_config!r}: file not found")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    ds = copy.deepcopy(raw)
+    gas = gradient_accumulation_steps(cfg)
+    fills = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": cfg.micro_batch_size * gas * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "bf16.enabled": cfg.model.dtype == "bf16",
+        "fp16.enabled": cfg.model.dtype == "fp16",
+        "optimizer.params.lr": cfg.lr,
+        "optimizer.params.weight_decay": cfg.weight_decay,
+        # The Hugging Face integration's rules of thumb, by hidden size.
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    owned = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+    for key, value in fills.items():
+        node, leaf = _parent(ds, key)
+        if node is None or leaf not in node:
+            if key in owned:
+                ds[key] = value
+            continue
+        if node[leaf] == "auto":
+            node[leaf] = value
+        elif key in owned and node[leaf] != value:
+            raise UserError(f"{path}: {key}={node[leaf]} disagrees with the run config ({value}); set it to "
+                            "\"auto\" — micro_batch_size and sampling.* decide the batch geometry")
+    leftover = _autos(ds)
+    if leftover:
+        raise UserError(f"{path}: no value known for \"auto\" at {', '.join(leftover)}; "
+                        f"autos that mtl_scale fills: {', '.join(fills)}")
+    if "optimizer" in ds:
+        # Torch and DeepSpeed optimizers other than DeepSpeed's own Adam variants need this under ZeRO.
+        ds.setdefault("zero_allow_untested_optimizer", True)
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def _parent(d: dict, dotted: str):
+    *path, leaf = dotted.split(".")
+    for part in path:
+        d = d.get(part)
+        if not isinstance(d, dict):
+            return None, leaf
+    return d, leaf
+
+
+def _autos(d, prefix="") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _autos(v, f"{prefix}{k}.")
+        elif v == "auto":
+            out.append(prefix + k)
+    return out

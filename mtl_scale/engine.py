@@ -1,0 +1,63 @@
+"""One optimizer step over a schedule of task-homogeneous micro-batches.
+
+This module knows DeepSpeed's engine and tensors, nothing of files, YAML or datasets.
+
+Loss normalisation (the contract, tested in tests/test_engine_loss.py):
+- a micro-batch's loss is the mean NLL over its completion tokens;
+- ``engine.backward`` divides it by gradient_accumulation_steps (DeepSpeed's contract), so the
+  step's gradient is the mean of the micro-batch losses' gradients over the step's micro-batches;
+- ZeRO's reduce-scatter averages that over ranks.
+So every micro-batch weighs the same, whatever its token count, and a task's weight in a step
+is its share of the step's micro-batches (drawn by the sampler).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from mtl_scale.data.formatting import token_loss_sum
+
+# A step's work: (task, [micro-batch, ...]) groups, each micro-batch a dict of tensors.
+StepGroups = list[tuple[str, list[dict[str, torch.Tensor]]]]
+
+
+@dataclass
+class StepStats:
+    """What this rank saw in one optimizer step, per task (sums, for exact averaging across ranks)."""
+    loss_sum: dict[str, float] = field(default_factory=dict)
+    """Summed completion-token NLL."""
+    loss_tokens: dict[str, int] = field(default_factory=dict)
+    """Completion tokens the loss was taken over."""
+    tokens: int = 0
+    """All non-padding tokens processed."""
+
+
+def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None]) -> StepStats:
+    """Run every micro-batch of the step through forward, backward and ``engine.step()``.
+
+    Every rank must call this with the same tasks and micro-batch counts in the same order: ZeRO-3
+    gathers parameters and reduce-scatters gradients collectively at each micro-step. The optimizer
+    update happens inside the last ``engine.step()`` (the gradient-accumulation boundary).
+    """
+    n_micro = sum(len(mbs) for _, mbs in groups)
+    if n_micro != engine.gradient_accumulation_steps():
+        raise ValueError(f"step has {n_micro} micro-batches, DeepSpeed accumulates "
+                         f"{engine.gradient_accumulation_steps()}: the update would straddle steps")
+    stats = StepStats()
+    loss_sums: dict[str, torch.Tensor] = {}  # kept on device: one host sync per step, not per micro-batch
+    device = engine.device
+    for task, micro_batches in groups:
+        activate(task)  # which adapter the LoRA layers apply; trainable parameters never change
+        for batch in micro_batches:
+            stats.loss_tokens[task] = stats.loss_tokens.get(task, 0) + int((batch["labels"][:, 1:] != -100).sum())
+            stats.tokens += int(batch["attention_mask"].sum())
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss_sum, n_tokens = token_loss_sum(logits, batch["labels"])
+            engine.backward(loss_sum / n_tokens)  # DeepSpeed scales by 1/gradient_accumulation_steps
+            engine.step()  # a no-op until the accumulation boundary, then the optimizer update
+            loss_sums[task] = loss_sums.get(task, 0.0) + loss_sum.detach()
+    stats.loss_sum = {t: float(v) for t, v in loss_sums.items()}
+    return stats

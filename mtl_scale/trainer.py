@@ -1,0 +1,230 @@
+"""The run: set up ranks, data, model and DeepSpeed engine; loop over optimizer steps; save adapters.
+
+    run = setup(cfg)      # collective: every rank calls it
+    train_loop(run)
+    save_adapters(run)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import yaml
+
+from mtl_scale import adapters
+from mtl_scale.config import RunConfig, to_dict
+from mtl_scale.data.formatting import collate
+from mtl_scale.data.prepare import TaskData, prepare_tasks
+from mtl_scale.ds_config import build_ds_config, zero_stage
+from mtl_scale.engine import StepStats, optimizer_step
+from mtl_scale.model import load_model, load_tokenizer, resolve_model_path
+from mtl_scale.sampling import TaskSampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    rank: int
+    world: int
+    model_path: str
+    tokenizer: object
+    tasks: dict[str, TaskData]
+    model: object  # the PeftModel (parameters partitioned under ZeRO-3)
+    engine: object
+    sampler: TaskSampler
+    ds_config: dict
+    hf_ds_config: object = None  # keeps transformers' ZeRO-3 integration alive for the run
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return adapters.adapter_names(self.cfg.sharing, list(self.tasks))
+
+
+def init_distributed(timeout_s: int) -> tuple[int, int]:
+    """Join the process group the launcher set up (or make a one-rank group for ``python train.py``)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:  # started without a launcher: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    on_gpu = get_accelerator().device_name() == "cuda"
+    if not on_gpu and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks on one machine share its cores; oversubscription makes every rank slower.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
+    if on_gpu:
+        get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lr_lambda(cfg: RunConfig):
+    """Multiplier of ``cfg.lr`` at optimizer step s: linear warmup, then constant / cosine / linear
+    decay to 10% at ``max_steps``."""
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1 - progress
+        return 0.1 + 0.9 * decay
+    return f
+
+
+def setup(cfg: RunConfig) -> Run:
+    import deepspeed
+    from transformers import AutoConfig
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # Everything that can fail on bad input happens before the process group exists.
+    model_path = resolve_model_path(cfg.model.path)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    tasks = prepare_tasks(cfg, tokenizer)
+    hidden = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code),
+                     "hidden_size", 1024)
+
+    rank, world = init_distributed(cfg.dist_timeout_s)
+    ds_config = build_ds_config(cfg, world, hidden)
+    # Alive before from_pretrained: transformers then builds the model inside zero.Init, partitioned.
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
+    model = load_model(cfg.model, model_path)
+    model = adapters.attach_adapters(model, cfg.lora, adapters.adapter_names(cfg.sharing, list(tasks)), cfg.seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=trainable, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    sampler = TaskSampler({t: len(d.train) for t, d in tasks.items()}, cfg.sampling, cfg.seed, rank, world)
+    if rank == 0:
+        log.info("world %d, ZeRO stage %d, sharing=%s, adapters %s, trainable parameters %d",
+                 world, zero_stage(ds_config), cfg.sharing, adapters.adapter_names(cfg.sharing, list(tasks)),
+                 sum(getattr(p, "ds_numel", p.numel()) for p in trainable))
+    return Run(cfg, rank, world, model_path, tokenizer, tasks, model, engine, sampler, ds_config, hf_ds_config)
+
+
+def _activator(run: Run):
+    """Task -> activate its adapter. Hard sharing has one adapter, always active: nothing to switch."""
+    if run.cfg.sharing == "hard":
+        return lambda task: None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layers = [m for m in run.model.modules() if isinstance(m, BaseTunerLayer)]
+
+    def activate(task: str) -> None:
+        for layer in layers:
+            layer._active_adapter = [task]
+    return activate
+
+
+def next_step_groups(run: Run, step: int):
+    """The step's (task, [micro-batch, ...]) groups: rank-identical tasks, this rank's examples."""
+    groups = []
+    for task, n_micro in run.sampler.plan(step):
+        data = run.tasks[task].train
+        micro_batches = []
+        for _ in range(n_micro):
+            idx = run.sampler.take(task, run.cfg.micro_batch_size)
+            micro_batches.append(collate([(data.input_ids[i], data.labels[i]) for i in idx],
+                                         run.tokenizer.pad_token_id))
+        groups.append((task, micro_batches))
+    return groups
+
+
+def reduce_stats(run: Run, stats: StepStats) -> dict[str, float]:
+    """Sum per-task loss and token counts over ranks (one small all-reduce) into step metrics."""
+    names = list(run.tasks)
+    vec = torch.tensor([stats.loss_sum.get(t, 0.0) for t in names] +
+                       [float(stats.loss_tokens.get(t, 0)) for t in names] + [float(stats.tokens)],
+                       dtype=torch.float64, device=run.engine.device)
+    torch.distributed.all_reduce(vec)
+    vec = vec.cpu().tolist()
+    k = len(names)
+    out = {}
+    total_loss, total_tokens = 0.0, 0.0
+    for i, t in enumerate(names):
+        if vec[k + i] > 0:
+            out[f"loss/{t}"] = vec[i] / vec[k + i]
+            total_loss, total_tokens = total_loss + vec[i], total_tokens + vec[k + i]
+    out["loss"] = total_loss / total_tokens
+    out["tokens"] = vec[2 * k]
+    return out
+
+
+def train_loop(run: Run) -> None:
+    cfg = run.cfg
+    writer = None
+    if run.is_writer:
+        from mtl_scale.telemetry import MetricsWriter
+        writer = MetricsWriter(cfg.output_dir, cfg.max_steps, initial_step=run.step)
+    activate = _activator(run)
+    run.engine.train()
+    try:
+        while run.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            groups = next_step_groups(run, run.step)
+            stats = optimizer_step(run.engine, groups, activate)
+            metrics = reduce_stats(run, stats)
+            step_time = time.perf_counter() - t0
+            run.step += 1
+            metrics.update(lr=run.engine.get_lr()[0], step_time_s=step_time,
+                           tokens_per_s=metrics["tokens"] / step_time)
+            for task, n in groups_counts(groups).items():
+                metrics[f"micro_batches/{task}"] = n
+            run.history.append({"step": run.step, **metrics})
+            if writer:
+                if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
+                    writer.log(run.step, metrics)
+                writer.advance()
+    finally:
+        if writer:
+            writer.close()
+
+
+def groups_counts(groups) -> dict[str, int]:
+    return {task: len(mbs) for task, mbs in groups}
+
+
+def save_adapters(run: Run) -> Path:
+    """Every adapter to ``<output_dir>/adapters/<name>/`` (PEFT layout), plus the resolved config."""
+    out = Path(run.cfg.output_dir)
+    for name in run.adapter_names:
+        adapters.save_adapter(run.model, name, out / "adapters" / name, run.model_path, run.is_writer)
+    if run.is_writer:
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
+        summary = {
+            "steps": run.step, "world_size": run.world, "adapters": run.adapter_names,
+            "final": run.history[-1] if run.history else {},
+            "data": {t: {"train": len(d.train), "held_out": len(d.held_out), "truncated": d.train.truncated,
+                         "dropped": d.train.dropped} for t, d in run.tasks.items()},
+        }
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return out
+
+
+def train(cfg: RunConfig) -> Run:
+    run = setup(cfg)
+    train_loop(run)
+    save_adapters(run)
+    return run
