@@ -45,6 +45,7 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None]) 
     if n_micro != engine.gradient_accumulation_steps():
         raise ValueError(f"step has {n_micro} micro-batches, DeepSpeed accumulates "
                          f"{engine.gradient_accumulation_steps()}: the update would straddle steps")
+    clear_stale_grad_partitions(engine)
     stats = StepStats()
     loss_sums: dict[str, torch.Tensor] = {}  # kept on device: one host sync per step, not per micro-batch
     device = engine.device
@@ -61,3 +62,17 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None]) 
             loss_sums[task] = loss_sums.get(task, 0.0) + loss_sum.detach()
     stats.loss_sum = {t: float(v) for t, v in loss_sums.items()}
     return stats
+
+
+def clear_stale_grad_partitions(engine) -> None:
+    """Zero ZeRO-3's gradient partition buffer before a step's first micro-batch.
+
+    ZeRO-3 *copies* a parameter's reduced gradient into its partition at micro-step 0 and *adds*
+    at later micro-steps, and never clears the buffer otherwise. That is right only if every
+    trainable parameter gets a gradient in every micro-batch. A task adapter does not: one that
+    first appears at micro-step 2 would add onto last step's gradient, and one absent from a
+    whole step would have last step's gradient applied again. Per-task adapters need a clean slate.
+    """
+    buffer = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
+    if buffer is not None:
+        buffer.zero_()

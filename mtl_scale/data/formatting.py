@@ -70,8 +70,9 @@ def encode(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, truncation: 
     # Chat templates write their own special tokens (bos included) into the text.
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and fmt != "chat" else []
     eos = tokenizer.eos_token_id
-    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    # verbose=False: lengths are policed below, not by the tokenizer's model_max_length warning
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False, verbose=False)["input_ids"]
+    completions = tokenizer([c for _, c in pairs], add_special_tokens=False, verbose=False)["input_ids"]
     out = Encoded([], [], [])
     for (_, ref), p, c in zip(pairs, prompts, completions):
         p = bos + p

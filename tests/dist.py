@@ -1,0 +1,78 @@
+"""Launch real DeepSpeed ranks from tests: a free port per launch, a timeout on the whole process
+group, the children's output printed when they fail, nothing left running afterwards."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], timeout: float, env: dict | None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n--- output ---\n{out[-20000:]}")
+    finally:
+        try:  # the launcher's children too, whatever happened
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def launch(script: str, args: list[str], nprocs: int = 2, timeout: float = 600, env: dict | None = None,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus nprocs script args`` (CPU ranks here)."""
+    cmd = [DEEPSPEED, "--num_gpus", str(nprocs), "--master_port", str(free_port()), script, *args]
+    res = _run(cmd, timeout, env)
+    if check and res.returncode != 0:
+        raise AssertionError(f"exit {res.returncode}: {' '.join(cmd)}\n--- output ---\n{res.stdout[-20000:]}")
+    return res
+
+
+def launch_two_nodes(script: str, args: list[str], timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Two simulated nodes of one rank each, started the way the multi-node runner starts each host."""
+    world = base64.urlsafe_b64encode(json.dumps({"node0": [0], "node1": [0]}).encode()).decode()
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", script, *args]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+    results = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, ""))
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"two-node launch timed out after {timeout}s")
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for r in results:
+        if r.returncode != 0:
+            raise AssertionError(f"exit {r.returncode}: {' '.join(r.args)}\n{r.stdout[-20000:]}")
+    return results

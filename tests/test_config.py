@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+
+from mtl_scale.config import ConfigError, RunConfig, load_config, valid_keys
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    assert len(SHIPPED) >= 3
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig) and cfg.tasks
+
+
+def test_public_keys_exist():
+    keys = set(valid_keys())
+    for k in ["model.path", "model.dtype", "sharing", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules",
+              "tasks", "max_steps", "micro_batch_size", "max_seq_len", "lr", "seed", "output_dir", "deepspeed_config"]:
+        assert k in keys
+
+
+def test_dotted_overrides(tmp_path):
+    cfg = load_config(ROOT / "configs/demo.yaml",
+                      ["lora.r=4", "sharing=hard", "lr=1e-3", "sampling.strategy=temperature", "sampling.temperature=2",
+                       "lora.target_modules=[q_proj, v_proj]", "tasks.1.eval_size=7", "model.gradient_checkpointing=true"])
+    assert cfg.lora.r == 4 and cfg.sharing == "hard" and cfg.lr == 1e-3
+    assert cfg.sampling.strategy == "temperature" and cfg.sampling.temperature == 2.0
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.tasks[1].eval_size == 7 and cfg.tasks[0].eval_size == 100
+    assert cfg.model.gradient_checkpointing is True
+
+
+def _yaml(tmp_path, text):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+TASK = "tasks: [{name: a, source: 'builtin:copy'}]\n"
+
+
+def test_unknown_key_lists_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key lora\.rank; valid keys under lora: r, alpha, dropout, target_modules"):
+        load_config(_yaml(tmp_path, TASK + "lora: {rank: 8}\n"))
+    with pytest.raises(ConfigError, match=r"unknown key max_step;.*max_steps"):
+        load_config(_yaml(tmp_path, TASK), ["max_step=3"])
+    with pytest.raises(ConfigError, match=r"unknown key tasks\.0\.fromat|unknown key tasks\.0\.|valid keys under tasks"):
+        load_config(_yaml(tmp_path, "tasks: [{name: a, source: x, fromat: chat}]\n"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sharing=medium", r"sharing='medium' is not allowed; choose one of: hard, soft"),
+    ("lora.r=0", r"lora.r must be > 0"),
+    ("lora.r=eight", r"lora.r must be an integer, got 'eight'"),
+    ("lr=fast", r"lr must be a number"),
+    ("model.dtype=fp8", r"model.dtype='fp8' is not allowed; choose one of: fp32, bf16, fp16"),
+    ("lora.dropout=1.5", r"lora.dropout must be in \[0, 1\)"),
+    ("tasks.0.format=xml", r"tasks.0.format \(task 'a'\)='xml' is not allowed; choose one of: prompt_completion, alpaca, chat"),
+    ("sampling.strategy=manual", r"sampling.weights must give one weight per task; missing: \['a'\]"),
+    ("noequals", r"must look like key=value"),
+])
+def test_bad_values_name_key_and_allowed(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_yaml(tmp_path, TASK), [override])
+
+
+def test_structural_errors(tmp_path):
+    with pytest.raises(ConfigError, match="tasks is empty"):
+        load_config(_yaml(tmp_path, "max_steps: 3\n"))
+    with pytest.raises(ConfigError, match="duplicate task name 'a'"):
+        load_config(_yaml(tmp_path, "tasks: [{name: a, source: x}, {name: a, source: y}]\n"))
+    with pytest.raises(ConfigError, match=r"tasks.0.source is missing for task 'a'"):
+        load_config(_yaml(tmp_path, "tasks: [{name: a}]\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_yaml(tmp_path, "tasks: [unclosed\n"))
