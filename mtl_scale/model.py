@@ -25,7 +25,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Bump when the recipe below changes: it names the cache directory, so old builds are not reused.
 TINY_RECIPE = {
-    "version": 1,
+    "version": 2,
     "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
     "pretrain_steps": 1000, "pretrain_batch": 32, "pretrain_seq": 96, "pretrain_lr": 3e-3, "seed": 1234,
@@ -175,8 +175,9 @@ def _pretrain(model, tok, r: dict) -> None:
     gen = torch.Generator().manual_seed(r["seed"])
     lines = builtin.raw_skill_lines(r["pretrain_steps"] * r["pretrain_batch"] * 12, seed=r["seed"])
     ids = []
-    for line in lines:
-        ids += tok(line + "\n", add_special_tokens=False)["input_ids"]
+    for line_ids in tok(lines, add_special_tokens=False)["input_ids"]:
+        # each line a document, <s>text</s>, framed as instruction examples are
+        ids += [tok.bos_token_id, *line_ids, tok.eos_token_id]
     data = torch.tensor(ids)
     opt = torch.optim.AdamW(model.parameters(), lr=r["pretrain_lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["pretrain_lr"], total_steps=r["pretrain_steps"],

@@ -1,6 +1,7 @@
 """Real DeepSpeed ZeRO-3 on 2 CPU ranks: both sharing modes train, and the adapters they save are
 real — stock PEFT, in this (separate) process, reproduces the trained model's logits."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +88,26 @@ def test_metrics_and_tensorboard_written(trained):
         assert sum(v for k, v in r.items() if k.startswith("micro_batches/")) == 3
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert "ZeRO stage 3" in stdout
+
+
+def test_evaluate_cli_reports_base_and_adapters(trained, tmp_path):
+    import subprocess
+    import sys
+
+    sharing, out, _ = trained
+    res = subprocess.run([sys.executable, "launch/evaluate.py", "--config", "configs/demo.yaml", f"sharing={sharing}",
+                          f"output_dir={out}", *COMMON], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((out / "eval.json").read_text())
+    tasks = ["copy", "reverse", "sort", "add"]
+    assert sorted(results["base"]) == sorted(tasks)
+    for name, per_task in results["adapters"].items():
+        assert sorted(per_task) == (sorted(tasks) if sharing == "hard" else [name])
+        for m in per_task.values():
+            assert m["n"] == 10 and 0 <= m["exact_match"] <= 1 and 0 < m["loss"] < 20
+            # trained adapters beat the base's loss on their task, even after 6 steps
+        for task, m in per_task.items():
+            assert m["loss"] < results["base"][task]["loss"]
+    for task in tasks:
+        assert f"| {task} |" in res.stdout

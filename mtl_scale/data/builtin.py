@@ -1,7 +1,8 @@
 """Built-in procedurally generated tasks with exact-match answers, deterministic by seed.
 
 Each task has two faces:
-- an *instruction* form the adapters are fine-tuned on, e.g. ``repeat [cab] ->`` / `` cab``;
+- an *instruction* form the adapters are fine-tuned on, ``<verb> [<input>] ->`` / `` <answer>``,
+  e.g. ``repeat [cab] ->`` / `` cab``;
 - a *raw skill* form, e.g. ``cab:cab``, used only to pretrain the tiny base model
   (mtl_scale.model), so the base already has the skill but not the instruction format.
 LoRA on a random frozen base barely learns (see docs); on a base that has the skills it learns
@@ -38,7 +39,7 @@ def _sort(rng):
 
 def _add(rng):
     a, b = rng.randint(0, 49), rng.randint(0, 49)
-    return f"add {a} and {b} ->", f" {a + b}", f"{a}+{b}={a + b}"
+    return f"add [{a}+{b}] ->", f" {a + b}", f"{a}+{b}={a + b}"
 
 
 GENERATORS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {

@@ -1,0 +1,55 @@
+"""Bad input under 2 real ranks: a clear one-line error, no traceback soup, and every rank exits."""
+import json
+
+import pytest
+
+from dist import launch
+
+pytestmark = pytest.mark.dist
+
+
+def _config(tmp_path, task_yaml, extra=""):
+    p = tmp_path / "run.yaml"
+    p.write_text(f"tasks:\n  - {task_yaml}\nmax_steps: 2\nmicro_batch_size: 2\noutput_dir: {tmp_path / 'out'}\n{extra}")
+    return p
+
+
+def _bad_jsonl(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps({"prompt": "c", "completion": "d"})
+                 + "\n{\"prompt\": \"oops\",\n")
+    return _config(tmp_path, f"{{name: broken, source: '{f}'}}"), f"task 'broken': {f}:3: malformed JSON"
+
+
+def _missing_column(tmp_path):
+    f = tmp_path / "qa.jsonl"
+    f.write_text("".join(json.dumps({"question": f"q{i}", "answer": "a"}) + "\n" for i in range(20)))
+    return (_config(tmp_path, f"{{name: qa, source: '{f}', eval_size: 2}}"),
+            "has no column 'prompt'; columns present: question, answer")
+
+
+def _empty_task(tmp_path):
+    f = tmp_path / "empty.jsonl"
+    f.write_text("")
+    return _config(tmp_path, f"{{name: nothing, source: '{f}'}}"), "task 'nothing'"
+
+
+def _missing_model(tmp_path):
+    return (_config(tmp_path, "{name: copy, source: 'builtin:copy'}", "model: {path: /no/such/model}\n"),
+            "model.path='/no/such/model' does not exist")
+
+
+def _unknown_format(tmp_path):
+    return (_config(tmp_path, "{name: copy, source: 'builtin:copy', format: xml}"),
+            "format (task 'copy')='xml' is not allowed; choose one of: prompt_completion, alpaca, chat")
+
+
+@pytest.mark.parametrize("make", [_bad_jsonl, _missing_column, _empty_task, _missing_model, _unknown_format],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_bad_input_fails_cleanly_on_every_rank(make, tmp_path, tiny_model_dir):
+    config, message = make(tmp_path)
+    res = launch("launch/train.py", ["--config", str(config)], timeout=180, check=False)
+    assert res.returncode != 0
+    assert f"mtl_scale: error: " in res.stdout and message in res.stdout, res.stdout[-3000:]
+    assert "Traceback" not in res.stdout, res.stdout[-3000:]
+    assert not (tmp_path / "out" / "adapters").exists()
