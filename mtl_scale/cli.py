@@ -18,7 +18,17 @@ def run_entry(main: Callable[[], object]) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     try:
         main()
+        _shutdown_process_group()
     except UserError as e:
         # Every rank exits; the DeepSpeed launcher then stops the rest, so nothing hangs.
         print(f"mtl_scale: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def _shutdown_process_group() -> None:
+    """Leave the process group together: exiting with it alive lets gloo's threads abort the
+    interpreter ("terminate called without an active exception") while a peer still talks to it."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -33,6 +33,7 @@ TASK_FORMATS = ("prompt_completion", "alpaca", "chat")
 SAMPLING_STRATEGIES = ("proportional", "temperature", "uniform", "manual")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 TRUNCATION = ("truncate", "drop")
+LOSS_WEIGHTING = ("token", "task", "manual")
 
 
 @dataclass
@@ -100,7 +101,21 @@ class SamplingConfig:
 
 
 @dataclass
+class LossConfig:
+    task_weighting: str = "token"
+    """How a step's losses combine (see mtl_scale/loss_weighting.py): token (every completion token of
+    the step weighs the same) | task (each task's token-mean loss, tasks weighted equally) |
+    manual (``weights`` times each task's token-mean loss)."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Per-task loss weights for task_weighting=manual."""
+
+
+@dataclass
 class EvalConfig:
+    every_steps: int = 0
+    """Evaluate held-out loss and exact match during training every N steps (0: only at the end)."""
+    max_examples: int = 50
+    """Held-out examples per task for evaluation during training (launch/evaluate.py uses all)."""
     max_new_tokens: int = 64
     """Upper bound on generated tokens for exact match (the reference length + 2 if shorter)."""
     batch_size: int = 32
@@ -116,6 +131,7 @@ class RunConfig:
     tasks: list[TaskConfig] = field(default_factory=list)
     """The tasks to train on, each with a unique name."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     max_steps: int = 100
     """Optimizer steps."""
@@ -278,12 +294,14 @@ def validate(cfg: RunConfig, where: str = "<config>") -> None:
     _one_of(where, "sampling.strategy", cfg.sampling.strategy, SAMPLING_STRATEGIES)
     _one_of(where, "lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
     _one_of(where, "truncation", cfg.truncation, TRUNCATION)
+    _one_of(where, "loss.task_weighting", cfg.loss.task_weighting, LOSS_WEIGHTING)
     for key in ("max_steps", "micro_batch_size", "max_seq_len", "lora.r", "sampling.tasks_per_step",
                 "sampling.micro_batches_per_task", "log_every", "eval.batch_size", "dist_timeout_s"):
         _positive(where, key, _get(cfg, key))
     for key in ("lr", "lora.alpha", "sampling.temperature"):
         _positive(where, key, _get(cfg, key))
-    for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval.max_new_tokens"):
+    for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval.max_new_tokens", "eval.every_steps",
+                "eval.max_examples"):
         _positive(where, key, _get(cfg, key), zero_ok=True)
     if not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"{where}: lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
@@ -309,13 +327,18 @@ def validate(cfg: RunConfig, where: str = "<config>") -> None:
         if t.num_examples is not None:
             _positive(where, f"{key}.num_examples", t.num_examples)
     if cfg.sampling.strategy == "manual":
-        missing = sorted(names - set(cfg.sampling.weights))
-        extra = sorted(set(cfg.sampling.weights) - names)
-        if missing or extra:
-            raise ConfigError(f"{where}: sampling.weights must give one weight per task; "
-                              f"missing: {missing or 'none'}, unknown: {extra or 'none'}; tasks: {sorted(names)}")
-        if any(w < 0 for w in cfg.sampling.weights.values()) or sum(cfg.sampling.weights.values()) <= 0:
-            raise ConfigError(f"{where}: sampling.weights must be >= 0 with a positive sum")
+        _check_weights(where, "sampling.weights", cfg.sampling.weights, names)
+    if cfg.loss.task_weighting == "manual":
+        _check_weights(where, "loss.weights", cfg.loss.weights, names)
+
+
+def _check_weights(where: str, key: str, weights: dict[str, float], names: set[str]) -> None:
+    missing, extra = sorted(names - set(weights)), sorted(set(weights) - names)
+    if missing or extra:
+        raise ConfigError(f"{where}: {key} must give one weight per task; "
+                          f"missing: {missing or 'none'}, unknown: {extra or 'none'}; tasks: {sorted(names)}")
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ConfigError(f"{where}: {key} must be >= 0 with a positive sum")
 
 
 def _get(cfg, dotted: str):

@@ -2,13 +2,10 @@
 
 This module knows DeepSpeed's engine and tensors, nothing of files, YAML or datasets.
 
-Loss normalisation (the contract, tested in tests/test_engine_loss.py):
-- a micro-batch's loss is the mean NLL over its completion tokens;
-- ``engine.backward`` divides it by gradient_accumulation_steps (DeepSpeed's contract), so the
-  step's gradient is the mean of the micro-batch losses' gradients over the step's micro-batches;
-- ZeRO's reduce-scatter averages that over ranks.
-So every micro-batch weighs the same, whatever its token count, and a task's weight in a step
-is its share of the step's micro-batches (drawn by the sampler).
+Loss normalisation: a micro-batch of task t contributes its summed completion-token NLL times
+``loss_scale[t]``; the scales (mtl_scale/loss_weighting.py) undo DeepSpeed's division by the
+accumulation steps and ZeRO's average over ranks, so the step minimises exactly the configured
+objective (token-, task- or manually weighted).
 """
 from __future__ import annotations
 
@@ -34,7 +31,8 @@ class StepStats:
     """All non-padding tokens processed."""
 
 
-def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None]) -> StepStats:
+def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None],
+                   loss_scale: dict[str, float]) -> StepStats:
     """Run every micro-batch of the step through forward, backward and ``engine.step()``.
 
     Every rank must call this with the same tasks and micro-batch counts in the same order: ZeRO-3
@@ -56,8 +54,8 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None]) 
             stats.tokens += int(batch["attention_mask"].sum())
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss_sum, n_tokens = token_loss_sum(logits, batch["labels"])
-            engine.backward(loss_sum / n_tokens)  # DeepSpeed scales by 1/gradient_accumulation_steps
+            loss_sum, _ = token_loss_sum(logits, batch["labels"])
+            engine.backward(loss_sum * loss_scale[task])
             engine.step()  # a no-op until the accumulation boundary, then the optimizer update
             loss_sums[task] = loss_sums.get(task, 0.0) + loss_sum.detach()
     stats.loss_sum = {t: float(v) for t, v in loss_sums.items()}

@@ -23,23 +23,33 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def task_loss(model, data: Encoded, pad_id: int, batch_size: int) -> float:
-    """Mean completion-token NLL over the examples (token-weighted)."""
+def loss_sums(model, data: Encoded, pad_id: int, batch_size: int, device=None) -> tuple[float, int]:
+    """Summed completion-token NLL over the examples, and the token count."""
     total, count = 0.0, 0
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     for i in range(0, len(data), batch_size):
         batch = collate(list(zip(data.input_ids[i:i + batch_size], data.labels[i:i + batch_size])), pad_id)
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
         s, n = token_loss_sum(logits, batch["labels"].to(device))
         total, count = total + float(s), count + int(n)
+    return total, count
+
+
+def task_loss(model, data: Encoded, pad_id: int, batch_size: int) -> float:
+    """Mean completion-token NLL over the examples (token-weighted)."""
+    total, count = loss_sums(model, data, pad_id, batch_size)
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, data: Encoded, batch_size: int, max_new_tokens: int) -> tuple[float, list[str]]:
+def exact_match(model, tokenizer, data: Encoded, batch_size: int, max_new_tokens: int, device=None,
+                synced_gpus: bool = False) -> tuple[float, list[str]]:
     """Fraction of examples whose greedy continuation of the prompt equals the reference
-    (both stripped of surrounding whitespace), and the generated texts."""
-    device = next(model.parameters()).device
+    (both stripped of surrounding whitespace), and the generated texts.
+
+    ``synced_gpus``: under ZeRO-3 every rank must keep running forward passes until all are done.
+    """
+    device = device or next(model.parameters()).device
     outputs: list[str] = []
     pad = tokenizer.pad_token_id
     for i in range(0, len(data), batch_size):
@@ -55,10 +65,51 @@ def exact_match(model, tokenizer, data: Encoded, batch_size: int, max_new_tokens
         ref_len = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
         gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
                              max_new_tokens=min(max_new_tokens, ref_len + 2), pad_token_id=pad,
-                             eos_token_id=tokenizer.eos_token_id)
+                             eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus)
         outputs += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
     hits = sum(o.strip() == r.strip() for o, r in zip(outputs, data.references))
     return hits / max(len(outputs), 1), outputs
+
+
+@torch.no_grad()
+def evaluate_during_training(model, tokenizer, tasks, eval_cfg, activate, rank: int, world: int) -> dict[str, float]:
+    """Held-out loss and exact match per task on the partitioned model, each rank evaluating its own
+    shard of the first ``eval.max_examples`` held-out examples; sums are all-reduced.
+
+    Collective: every rank runs the same number of batches (shards are padded with a repeated
+    example that is not counted) and ``generate`` runs with ``synced_gpus``.
+    """
+    from dataclasses import replace
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = {}
+    for name, task in tasks.items():
+        data = task.held_out
+        n = min(len(data), eval_cfg.max_examples)
+        if n == 0:
+            continue
+        activate(name)
+        idx = list(range(rank, n, world))
+        per_rank = -(-n // world)
+        real = len(idx)
+        idx += [0] * (per_rank - real)  # padding: same batch count on every rank
+        shard = replace(data, input_ids=[data.input_ids[i] for i in idx],
+                        labels=[data.labels[i] if j < real else [-100] * len(data.labels[i]) for j, i in enumerate(idx)],
+                        prompt_lens=[data.prompt_lens[i] for i in idx], references=[data.references[i] for i in idx])
+        total, count = loss_sums(model, shard, tokenizer.pad_token_id, eval_cfg.batch_size, device)
+        _, outputs = exact_match(model, tokenizer, shard, eval_cfg.batch_size, eval_cfg.max_new_tokens, device,
+                                 synced_gpus=world > 1)
+        hits = sum(o.strip() == r.strip() for o, r in list(zip(outputs, shard.references))[:real])
+        vec = torch.tensor([total, float(count), float(hits), float(real)], dtype=torch.float64, device=device)
+        if world > 1:
+            torch.distributed.all_reduce(vec)
+        total, count, hits, real = vec.tolist()
+        out[f"eval/loss/{name}"] = total / max(count, 1)
+        out[f"eval/exact_match/{name}"] = hits / max(real, 1)
+    model.train(was_training)
+    return out
 
 
 def evaluate_model(model, tokenizer, tasks, eval_cfg, only: list[str] | None = None) -> dict[str, dict]:

@@ -23,8 +23,10 @@ from mtl_scale import adapters
 from mtl_scale.config import RunConfig, to_dict
 from mtl_scale.data.formatting import collate
 from mtl_scale.data.prepare import TaskData, prepare_tasks
-from mtl_scale.ds_config import build_ds_config, zero_stage
+from mtl_scale.ds_config import build_ds_config, gradient_accumulation_steps, zero_stage
 from mtl_scale.engine import StepStats, optimizer_step
+from mtl_scale.evaluate import evaluate_during_training
+from mtl_scale.loss_weighting import loss_scales
 from mtl_scale.model import load_model, load_tokenizer, resolve_model_path
 from mtl_scale.sampling import TaskSampler
 
@@ -152,6 +154,20 @@ def next_step_groups(run: Run, step: int):
     return groups
 
 
+def step_loss_scales(run: Run, groups) -> dict[str, float]:
+    """Per-task loss scales for this step (loss_weighting.py), from completion-token counts summed
+    over ranks: one all-reduce of K numbers before the step's first backward."""
+    names = list(run.tasks)
+    local = {t: 0 for t in names}
+    for task, micro_batches in groups:
+        local[task] += sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
+    counts = torch.tensor([float(local[t]) for t in names], dtype=torch.float64, device=run.engine.device)
+    torch.distributed.all_reduce(counts)
+    in_step = {t: int(c) for t, c in zip(names, counts.tolist()) if t in dict(groups)}
+    return loss_scales(run.cfg.loss.task_weighting, in_step, run.world, gradient_accumulation_steps(run.cfg),
+                       run.cfg.loss.weights)
+
+
 def reduce_stats(run: Run, stats: StepStats) -> dict[str, float]:
     """Sum per-task loss and token counts over ranks (one small all-reduce) into step metrics."""
     names = list(run.tasks)
@@ -166,6 +182,7 @@ def reduce_stats(run: Run, stats: StepStats) -> dict[str, float]:
     for i, t in enumerate(names):
         if vec[k + i] > 0:
             out[f"loss/{t}"] = vec[i] / vec[k + i]
+            out[f"tokens/{t}"] = vec[k + i]
             total_loss, total_tokens = total_loss + vec[i], total_tokens + vec[k + i]
     out["loss"] = total_loss / total_tokens
     out["tokens"] = vec[2 * k]
@@ -179,31 +196,38 @@ def train_loop(run: Run) -> None:
         from mtl_scale.telemetry import MetricsWriter
         writer = MetricsWriter(cfg.output_dir, cfg.max_steps, initial_step=run.step)
     activate = _activator(run)
+    micro_batches_seen = {t: 0 for t in run.tasks}
     run.engine.train()
     try:
         while run.step < cfg.max_steps:
             t0 = time.perf_counter()
             groups = next_step_groups(run, run.step)
-            stats = optimizer_step(run.engine, groups, activate)
+            stats = optimizer_step(run.engine, groups, activate, step_loss_scales(run, groups))
             metrics = reduce_stats(run, stats)
             step_time = time.perf_counter() - t0
             run.step += 1
             metrics.update(lr=run.engine.get_lr()[0], step_time_s=step_time,
                            tokens_per_s=metrics["tokens"] / step_time)
-            for task, n in groups_counts(groups).items():
-                metrics[f"micro_batches/{task}"] = n
+            for task, micro_batches in groups:
+                metrics[f"micro_batches/{task}"] = len(micro_batches)
+                micro_batches_seen[task] += len(micro_batches)
+            total = sum(micro_batches_seen.values())
+            for task, n in micro_batches_seen.items():
+                metrics[f"samples/{task}"] = n * cfg.micro_batch_size * run.world
+                metrics[f"mix/{task}"] = n / total  # the realised sampling mix so far
+                metrics[f"sampling_prob/{task}"] = run.sampler.probs[task]
+            if (cfg.eval.every_steps and run.step % cfg.eval.every_steps == 0) or run.step == cfg.max_steps:
+                metrics.update(evaluate_during_training(run.model, run.tokenizer, run.tasks, cfg.eval,
+                                                        activate, run.rank, run.world))
+                run.engine.train()
             run.history.append({"step": run.step, **metrics})
             if writer:
-                if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
+                if run.step % cfg.log_every == 0 or run.step == cfg.max_steps or any(k.startswith("eval/") for k in metrics):
                     writer.log(run.step, metrics)
                 writer.advance()
     finally:
         if writer:
             writer.close()
-
-
-def groups_counts(groups) -> dict[str, int]:
-    return {task: len(mbs) for task, mbs in groups}
 
 
 def save_adapters(run: Run) -> Path:
@@ -223,8 +247,16 @@ def save_adapters(run: Run) -> Path:
     return out
 
 
+def finish(run: Run) -> None:
+    """Adapters, config and summary; then the report (rank 0)."""
+    save_adapters(run)
+    if run.is_writer:
+        from mtl_scale.report import write_report
+        log.info("report: %s", write_report(run.cfg.output_dir))
+
+
 def train(cfg: RunConfig) -> Run:
     run = setup(cfg)
     train_loop(run)
-    save_adapters(run)
+    finish(run)
     return run

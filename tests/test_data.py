@@ -155,3 +155,8 @@ def test_gsm8k_real_data_with_column_mapping(gsm8k_path, tiny_tokenizer):
     assert max(len(ids) for ids in data.train.input_ids) == 256
     answers = {json.loads(line)["answer"] for line in gsm8k_path.read_text().splitlines()}
     assert set(data.train.references + data.held_out.references) <= answers
+
+
+def test_encode_no_rows(tiny_tokenizer):
+    enc = encode([], "prompt_completion", tiny_tokenizer, 16)
+    assert len(enc) == 0 and enc.references == []

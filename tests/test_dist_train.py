@@ -13,7 +13,8 @@ pytestmark = pytest.mark.dist
 
 COMMON = ["max_steps=6", "micro_batch_size=4", "sampling.tasks_per_step=3", "lora.r=8",
           "tasks.0.num_examples=40", "tasks.1.num_examples=40", "tasks.2.num_examples=40", "tasks.3.num_examples=40",
-          "tasks.0.eval_size=10", "tasks.1.eval_size=10", "tasks.2.eval_size=10", "tasks.3.eval_size=10", "lr=1e-2"]
+          "tasks.0.eval_size=10", "tasks.1.eval_size=10", "tasks.2.eval_size=10", "tasks.3.eval_size=10", "lr=1e-2",
+          "eval.every_steps=3", "eval.max_examples=5", "sampling.strategy=temperature", "sampling.temperature=2"]
 
 
 @pytest.fixture(scope="module", params=["soft", "hard"])
@@ -88,6 +89,43 @@ def test_metrics_and_tensorboard_written(trained):
         assert sum(v for k, v in r.items() if k.startswith("micro_batches/")) == 3
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert "ZeRO stage 3" in stdout
+    # per-task telemetry: samples seen, the realised mix and the target probability (uniform here: equal sizes)
+    last = lines[-1]
+    assert sum(last[f"samples/{t}"] for t in ("copy", "reverse", "sort", "add")) == 6 * 3 * 4 * 2
+    assert sum(last[f"mix/{t}"] for t in ("copy", "reverse", "sort", "add")) == pytest.approx(1.0)
+    assert last["sampling_prob/copy"] == pytest.approx(0.25)
+    # held-out evaluation during training, every 3 steps, on every task
+    for r in lines:
+        has_eval = any(k.startswith("eval/") for k in r)
+        assert has_eval == (r["step"] % 3 == 0)
+        if has_eval:
+            for t in ("copy", "reverse", "sort", "add"):
+                assert 0 < r[f"eval/loss/{t}"] < 20 and 0 <= r[f"eval/exact_match/{t}"] <= 1
+
+
+def test_report_written_with_plots(trained):
+    _, out, _ = trained
+    report = (out / "report.md").read_text()
+    for t in ("copy", "reverse", "sort", "add"):
+        assert f"| {t} | 0.250 |" in report
+    for png in ("loss", "exact_match", "sampling_mix"):
+        assert (out / "plots" / f"{png}.png").stat().st_size > 5000
+
+
+def test_tiny_task_on_two_ranks_does_not_hang(tmp_path, tiny_model_dir):
+    """A 3-example task: rank shards of 2 and 1 examples, micro-batches of 4 — both ranks cycle their
+    shard and run exactly as many micro-batches as the other."""
+    f = tmp_path / "tiny.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"repeat [{w}] ->", "completion": f" {w}"}) + "\n"
+                         for w in ("abc", "de", "fgh")))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"tasks:\n  - {{name: tiny, source: '{f}', eval_size: 0}}\n"
+                   f"  - {{name: copy, source: 'builtin:copy', num_examples: 50, eval_size: 4}}\n"
+                   f"max_steps: 5\nmicro_batch_size: 4\nsampling: {{strategy: uniform, tasks_per_step: 3}}\noutput_dir: {tmp_path / 'out'}\n")
+    launch("launch/train.py", ["--config", str(cfg)], timeout=240)
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 5 and lines[-1]["samples/tiny"] > 3  # the tiny task was drawn and cycled
+    assert (tmp_path / "out" / "adapters" / "tiny" / "adapter_model.safetensors").is_file()
 
 
 def test_evaluate_cli_reports_base_and_adapters(trained, tmp_path):

@@ -1,9 +1,9 @@
 """The correctness oracle: adapters trained under ZeRO-3 on 2 ranks equal the same algorithm run on
 full, unsharded gradients in one process on the same examples (to float tolerance).
 
-The reference below is written from the documented contract (engine.py): each micro-batch's loss is
-its completion-token mean, divided by gradient_accumulation_steps, averaged over ranks; then
-gradient clipping over all trainable parameters, AdamW, the LR schedule.
+The reference computes each step's objective (token-, task- or manually weighted, see
+mtl_scale/loss_weighting.py) straight from its definition on all ranks' examples, backpropagates it
+once, then clips over all trainable parameters and steps AdamW and the LR schedule.
 
 Tolerance: Adam divides each element by its running gradient magnitude, so elements whose gradient
 is near zero magnify fp32 summation-order differences (ranks reduce in another order than one
@@ -46,6 +46,7 @@ def reference_adapters(cfg, model_dir, drawn_per_rank):
     for p in params:  # DeepSpeed's flat fp32 partition steps every adapter every step, used or not
         p.grad = torch.zeros_like(p)
     for step in range(cfg.max_steps):
+        sums, counts = {}, {}  # per task: summed NLL (a graph) and completion tokens, over both ranks
         for k in range(step * gas, (step + 1) * gas):
             task = drawn_per_rank[0][k]["task"]
             adapters.activate(model, adapters.adapter_for_task(cfg.sharing, task))
@@ -55,7 +56,17 @@ def reference_adapters(cfg, model_dir, drawn_per_rank):
                 batch = collate([(data.input_ids[i], data.labels[i]) for i in drawn[k]["idx"]], tok.pad_token_id)
                 s, n = token_loss_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                       batch["labels"])
-                (s / n / gas / world).backward()
+                sums[task] = sums.get(task, 0.0) + s
+                counts[task] = counts.get(task, 0) + int(n)
+        # The step objective, written directly from its definition (not from the scales)
+        if cfg.loss.task_weighting == "token":
+            loss = sum(sums.values()) / sum(counts.values())
+        elif cfg.loss.task_weighting == "task":
+            loss = sum(sums[t] / counts[t] for t in sums) / len(sums)
+        else:
+            z = sum(cfg.loss.weights[t] for t in sums)
+            loss = sum(cfg.loss.weights[t] * sums[t] / counts[t] for t in sums) / z
+        loss.backward()
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
@@ -64,11 +75,11 @@ def reference_adapters(cfg, model_dir, drawn_per_rank):
     return {n: get_peft_model_state_dict(model, adapter_name=n) for n in names}
 
 
-@pytest.mark.parametrize("sharing", ["soft", "hard"])
-def test_zero3_two_ranks_equals_single_process_reference(sharing, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("sharing, weighting", [("soft", "token"), ("hard", "token"), ("soft", "task")])
+def test_zero3_two_ranks_equals_single_process_reference(sharing, weighting, tmp_path, tiny_model_dir):
     from mtl_scale.config import load_config
 
-    args = [f"sharing={sharing}", f"output_dir={tmp_path}", *ARGS]
+    args = [f"sharing={sharing}", f"loss.task_weighting={weighting}", f"output_dir={tmp_path}", *ARGS]
     launch("tests/scripts/train_probe.py", ["configs/demo.yaml", *args])
     cfg = load_config("configs/demo.yaml", args)
     drawn = [json.loads((tmp_path / f"rank{r}_schedule.json").read_text())["drawn"] for r in range(2)]

@@ -66,6 +66,8 @@ class Encoded:
 def encode(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, truncation: str = "truncate") -> Encoded:
     """Tokenise rows; examples longer than ``max_seq_len`` are cut at the end (``truncate``) or
     dropped (``drop``); an example left without completion tokens is always dropped."""
+    if not rows:
+        return Encoded([], [], [])
     pairs = [render(r, fmt, tokenizer) for r in rows]
     # Chat templates write their own special tokens (bos included) into the text.
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and fmt != "chat" else []

@@ -14,7 +14,7 @@ import torch
 from mtl_scale import adapters
 from mtl_scale.cli import run_entry
 from mtl_scale.config import load_config
-from mtl_scale.trainer import save_adapters, setup, train_loop
+from mtl_scale.trainer import finish, setup, train_loop
 
 PROBE_TEXT = ["sort [jihgfe] ->", "add 12 and 30 ->"]
 
@@ -31,7 +31,7 @@ def main():
         return idx
     run.sampler.take = recording_take
     train_loop(run)
-    save_adapters(run)
+    finish(run)
     out = Path(cfg.output_dir)
     plans = [run.sampler.plan(s) for s in range(cfg.max_steps)]
     (out / f"rank{run.rank}_schedule.json").write_text(json.dumps({"plans": plans, "drawn": drawn}))

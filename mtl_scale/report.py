@@ -1,0 +1,124 @@
+"""The end-of-run report: ``<output_dir>/report.md`` with PNG plots, built from metrics.jsonl.
+
+    python -m mtl_scale.report runs/demo      # (re)build the report of a finished run
+
+Plots: per-task train loss (smoothed) with held-out eval loss; held-out exact match over steps; the
+realised sampling mix over time against the target probabilities. Table: final per-task metrics.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _tasks(records: list[dict]) -> list[str]:
+    """Task names in config order (the order the trainer writes sampling_prob/<task> keys)."""
+    seen = [k.split("/", 1)[1] for k in (records[0] if records else {}) if k.startswith("sampling_prob/")]
+    for r in records:
+        for k in r:
+            if k.startswith(("loss/", "mix/")) and k.split("/", 1)[1] not in seen:
+                seen.append(k.split("/", 1)[1])
+    return seen
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else alpha * v + (1 - alpha) * acc
+        out.append(acc)
+    return out
+
+
+def write_report(output_dir: str | Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(output_dir)
+    records = read_metrics(out)
+    tasks = _tasks(records)
+    colors = {t: plt.cm.tab10(i % 10) for i, t in enumerate(tasks)}
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for t in tasks:
+        steps, vals = _series(records, f"loss/{t}")
+        if steps:
+            ax.plot(steps, _ema(vals), color=colors[t], label=f"{t} train (EMA)")
+        steps, vals = _series(records, f"eval/loss/{t}")
+        if steps:
+            ax.plot(steps, vals, "o--", color=colors[t], label=f"{t} eval")
+    ax.set(xlabel="optimizer step", ylabel="completion-token loss", title="Per-task loss", yscale="log")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(plots / "loss.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for t in tasks:
+        steps, vals = _series(records, f"eval/exact_match/{t}")
+        if steps:
+            ax.plot(steps, [100 * v for v in vals], "o-", color=colors[t], label=t)
+    ax.set(xlabel="optimizer step", ylabel="exact match (%)", title="Held-out exact match", ylim=(-2, 102))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plots / "exact_match.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    steps = [r["step"] for r in records]
+    mixes = [[r.get(f"mix/{t}", 0.0) for r in records] for t in tasks]
+    if steps and tasks:
+        ax.stackplot(steps, mixes, labels=[f"{t} (realised)" for t in tasks], colors=[colors[t] for t in tasks],
+                     alpha=0.75)
+        cumulative = 0.0
+        for t in tasks:  # target probabilities as boundaries of the stack
+            cumulative += records[-1].get(f"sampling_prob/{t}", 0.0)
+            ax.axhline(cumulative, color="k", ls="--", lw=0.8)
+    ax.set(xlabel="optimizer step", ylabel="share of micro-batches so far", ylim=(0, 1),
+           title="Sampling mix (dashed: target cumulative probabilities)")
+    if tasks:
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(plots / "sampling_mix.png", dpi=110)
+    plt.close(fig)
+
+    last = records[-1] if records else {}
+    lines = ["# Run report", "", f"Run directory: `{out}` — {last.get('step', 0)} optimizer steps.", "",
+             "## Final per-task metrics", "",
+             "| task | target p | realised share | samples seen | train loss (last 10 steps) | eval loss | eval exact match |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for t in tasks:
+        recent = [r[f"loss/{t}"] for r in records[-10:] if f"loss/{t}" in r]
+        train = f"{sum(recent) / len(recent):.3f}" if recent else "-"
+        ev_steps, ev_loss = _series(records, f"eval/loss/{t}")
+        _, ev_em = _series(records, f"eval/exact_match/{t}")
+        lines.append(f"| {t} | {last.get(f'sampling_prob/{t}', 0):.3f} | {last.get(f'mix/{t}', 0):.3f} | "
+                     f"{int(last.get(f'samples/{t}', 0))} | {train} | {f'{ev_loss[-1]:.3f}' if ev_loss else '-'} | "
+                     f"{f'{100 * ev_em[-1]:.1f}%' if ev_em else '-'} |")
+    lines += ["", "## Loss", "", "![per-task loss](plots/loss.png)", "",
+              "## Held-out exact match", "", "![exact match](plots/exact_match.png)", "",
+              "## Sampling mix", "", "![sampling mix](plots/sampling_mix.png)", ""]
+    path = out / "report.md"
+    tmp = path.with_name("report.md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.rename(path)
+    return path
+
+
+if __name__ == "__main__":
+    print(write_report(sys.argv[1]))

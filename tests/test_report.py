@@ -1,0 +1,30 @@
+import json
+
+import matplotlib.image as mpimg
+
+from mtl_scale.report import write_report
+
+
+def test_report_from_metrics(tmp_path):
+    recs = []
+    for step in range(1, 21):
+        r = {"step": step, "loss": 1.0, "loss/copy": 3.0 / step, "sampling_prob/copy": 0.7,
+             "sampling_prob/add": 0.3, "mix/copy": 0.7, "mix/add": 0.3, "samples/copy": 14 * step,
+             "samples/add": 6 * step}
+        if step % 2 == 0:
+            r["loss/add"] = 2.0
+        if step % 10 == 0:
+            r.update({"eval/loss/copy": 0.5, "eval/exact_match/copy": step / 20, "eval/loss/add": 1.5,
+                      "eval/exact_match/add": 0.25})
+        recs.append(r)
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    report = write_report(tmp_path).read_text()
+    assert "| copy | 0.700 | 0.700 | 280 | 0.201 | 0.500 | 100.0% |" in report  # mean of 3/11..3/20
+    assert "| add | 0.300 | 0.300 | 120 | 2.000 | 1.500 | 25.0% |" in report
+    assert report.index("| copy |") < report.index("| add |")  # config order
+    for png in ("loss", "exact_match", "sampling_mix"):
+        assert f"plots/{png}.png" in report
+        img = mpimg.imread(tmp_path / "plots" / f"{png}.png")
+        assert img.shape[0] > 200 and img.shape[1] > 400
+        assert img.std() > 0.01  # something was drawn
+    assert not (tmp_path / "report.md.tmp").exists()
