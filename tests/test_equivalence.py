@@ -75,11 +75,13 @@ def reference_adapters(cfg, model_dir, drawn_per_rank):
     return {n: get_peft_model_state_dict(model, adapter_name=n) for n in names}
 
 
-@pytest.mark.parametrize("sharing, weighting", [("soft", "token"), ("hard", "token"), ("soft", "task")])
-def test_zero3_two_ranks_equals_single_process_reference(sharing, weighting, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("sharing, weighting, zero", [("soft", "token", 3), ("hard", "token", 3), ("soft", "task", 3),
+                                                     ("soft", "token", 2)])
+def test_zero3_two_ranks_equals_single_process_reference(sharing, weighting, zero, tmp_path, tiny_model_dir):
     from mtl_scale.config import load_config
 
-    args = [f"sharing={sharing}", f"loss.task_weighting={weighting}", f"output_dir={tmp_path}", *ARGS]
+    args = [f"sharing={sharing}", f"loss.task_weighting={weighting}", f"output_dir={tmp_path}",
+            f"deepspeed_config=ds_configs/zero{zero}.json", *ARGS]
     launch("tests/scripts/train_probe.py", ["configs/demo.yaml", *args])
     cfg = load_config("configs/demo.yaml", args)
     drawn = [json.loads((tmp_path / f"rank{r}_schedule.json").read_text())["drawn"] for r in range(2)]
