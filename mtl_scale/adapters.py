@@ -1,7 +1,8 @@
 """Adapter topology (which LoRA adapters exist), per-micro-batch activation, and gather-safe export.
 
 - hard sharing: one adapter, ``shared``, trained by every task;
-- soft sharing: one adapter per task, named after the task.
+- soft sharing: one adapter per task, named after the task;
+- hybrid: ``shared`` plus a small adapter per task; a task's micro-batches use both.
 
 All adapters are trainable from the start and stay so: DeepSpeed registers its gradient hooks and
 optimizer groups once, at ``initialize``. Switching tasks therefore only changes which adapter the
@@ -22,26 +23,33 @@ SHARED = "shared"
 
 
 def adapter_names(sharing: str, tasks: list[str]) -> list[str]:
-    return [SHARED] if sharing == "hard" else list(tasks)
+    return {"hard": [SHARED], "soft": list(tasks), "hybrid": [SHARED, *tasks]}[sharing]
 
 
-def adapter_for_task(sharing: str, task: str) -> str:
-    return SHARED if sharing == "hard" else task
+def adapters_for_task(sharing: str, task: str) -> list[str]:
+    """The adapters a task's forward pass applies."""
+    return {"hard": [SHARED], "soft": [task], "hybrid": [SHARED, task]}[sharing]
 
 
-def attach_adapters(model, lora_cfg, names: list[str], seed: int):
+def attach_adapters(model, lora_cfg, names: list[str], seed: int, task_r: int | None = None):
     """Wrap ``model`` in a PeftModel holding one LoRA adapter per name, all trainable.
 
-    Seeded so that every rank initialises identical adapters.
+    Seeded so that every rank initialises identical adapters. With ``task_r``, every adapter but
+    ``shared`` gets that rank (hybrid sharing).
     """
     import peft
 
-    config = peft.LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                             target_modules=_targets(lora_cfg.target_modules), task_type="CAUSAL_LM", bias="none")
+    def config(r: int):
+        return peft.LoraConfig(r=r, lora_alpha=lora_cfg.alpha * r / lora_cfg.r, lora_dropout=lora_cfg.dropout,
+                               target_modules=_targets(lora_cfg.target_modules), task_type="CAUSAL_LM", bias="none")
+
+    def rank_of(name: str) -> int:
+        return lora_cfg.r if task_r is None or name == SHARED else task_r
+
     torch.manual_seed(seed)
-    pm = peft.get_peft_model(model, config, adapter_name=names[0])
+    pm = peft.get_peft_model(model, config(rank_of(names[0])), adapter_name=names[0])
     for name in names[1:]:
-        pm.add_adapter(name, copy.deepcopy(config))
+        pm.add_adapter(name, config(rank_of(name)))
     for n, p in pm.named_parameters():
         p.requires_grad = "lora_" in n
     activate(pm, names[0])
@@ -52,12 +60,13 @@ def _targets(modules: list[str]):
     return "all-linear" if modules == ["all-linear"] else list(modules)
 
 
-def activate(model, name: str) -> None:
-    """Make ``name`` the adapter every LoRA layer applies, without touching ``requires_grad``."""
+def activate(model, names: str | list[str]) -> None:
+    """Make every LoRA layer apply ``names``, without touching ``requires_grad``."""
     from peft.tuners.tuners_utils import BaseTunerLayer
+    names = [names] if isinstance(names, str) else list(names)
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            module._active_adapter = [name]
+            module._active_adapter = names
 
 
 def lora_parameters(model, name: str | None = None) -> dict[str, torch.nn.Parameter]:

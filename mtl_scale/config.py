@@ -27,7 +27,8 @@ class ConfigError(UserError):
 # The embedded default model: built and cached locally on first use (see mtl_scale.model).
 TINY_MODEL = "builtin:tiny-llama"
 
-SHARING_MODES = ("hard", "soft")
+SHARING_MODES = ("hard", "soft", "hybrid")
+SURGERY_METHODS = ("sum", "mean", "pcgrad", "mgda")
 DTYPES = ("fp32", "bf16", "fp16")
 TASK_FORMATS = ("prompt_completion", "alpaca", "chat")
 SAMPLING_STRATEGIES = ("proportional", "temperature", "uniform", "manual")
@@ -101,6 +102,29 @@ class SamplingConfig:
 
 
 @dataclass
+class SurgeryConfig:
+    method: str = "sum"
+    """Gradient surgery on the shared adapter (hard, hybrid) before each optimizer step: sum (plain
+    training) | mean (1/K) | pcgrad (project conflicting task gradients, Yu et al. 2020) | mgda
+    (min-norm combination, Sener & Koltun 2018). Needs ZeRO-3."""
+    telemetry: bool = False
+    """With method=sum: still measure the task-gradient Gram matrix and log cosines (K gradient-shard
+    copies and one K×K all-reduce per step); other methods always log it."""
+
+
+@dataclass
+class HybridConfig:
+    task_r: int = 4
+    """LoRA rank of each task's own adapter under sharing=hybrid (the shared one uses lora.r)."""
+
+
+@dataclass
+class SoftConfig:
+    coupling: float = 0.0
+    """λ of the regulariser λ·Σ_t ||θ_t − mean(θ)||² pulling task adapters together (sharing=soft)."""
+
+
+@dataclass
 class LossConfig:
     task_weighting: str = "token"
     """How a step's losses combine (see mtl_scale/loss_weighting.py): token (every completion token of
@@ -127,7 +151,11 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sharing: str = "soft"
-    """hard: one adapter shared by all tasks | soft: one adapter per task."""
+    """hard: one adapter shared by all tasks | soft: one adapter per task | hybrid: a shared adapter
+    plus a small per-task one (hybrid.task_r)."""
+    surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
+    soft: SoftConfig = field(default_factory=SoftConfig)
     tasks: list[TaskConfig] = field(default_factory=list)
     """The tasks to train on, each with a unique name."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -295,13 +323,19 @@ def validate(cfg: RunConfig, where: str = "<config>") -> None:
     _one_of(where, "lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
     _one_of(where, "truncation", cfg.truncation, TRUNCATION)
     _one_of(where, "loss.task_weighting", cfg.loss.task_weighting, LOSS_WEIGHTING)
+    _one_of(where, "surgery.method", cfg.surgery.method, SURGERY_METHODS)
+    if cfg.surgery.method != "sum" and cfg.sharing == "soft":
+        raise ConfigError(f"{where}: surgery.method={cfg.surgery.method} acts on the adapter the tasks share, and "
+                          "sharing=soft has none; use sharing=hard or sharing=hybrid, or surgery.method=sum")
+    if cfg.soft.coupling and cfg.sharing != "soft":
+        raise ConfigError(f"{where}: soft.coupling couples per-task adapters; it needs sharing=soft")
     for key in ("max_steps", "micro_batch_size", "max_seq_len", "lora.r", "sampling.tasks_per_step",
                 "sampling.micro_batches_per_task", "log_every", "eval.batch_size", "dist_timeout_s"):
         _positive(where, key, _get(cfg, key))
-    for key in ("lr", "lora.alpha", "sampling.temperature"):
+    for key in ("lr", "lora.alpha", "sampling.temperature", "hybrid.task_r"):
         _positive(where, key, _get(cfg, key))
     for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval.max_new_tokens", "eval.every_steps",
-                "eval.max_examples"):
+                "eval.max_examples", "soft.coupling"):
         _positive(where, key, _get(cfg, key), zero_ok=True)
     if not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"{where}: lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
@@ -317,6 +351,8 @@ def validate(cfg: RunConfig, where: str = "<config>") -> None:
         if not t.name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"{where}: {key}.name={t.name!r} may hold only letters, digits, '_' and '-' "
                               "(it names the adapter directory)")
+        if t.name == "shared":
+            raise ConfigError(f"{where}: {key}.name='shared' is reserved for the shared adapter; rename the task")
         if t.name in names:
             raise ConfigError(f"{where}: duplicate task name {t.name!r} ({key}); task names must be unique")
         names.add(t.name)

@@ -1,4 +1,5 @@
-"""One optimizer step over a schedule of task-homogeneous micro-batches.
+"""One optimizer step over a schedule of task-homogeneous micro-batches, with gradient surgery on
+ZeRO-3's sharded gradients.
 
 This module knows DeepSpeed's engine and tensors, nothing of files, YAML or datasets.
 
@@ -6,6 +7,13 @@ Loss normalisation: a micro-batch of task t contributes its summed completion-to
 ``loss_scale[t]``; the scales (mtl_scale/loss_weighting.py) undo DeepSpeed's division by the
 accumulation steps and ZeRO's average over ranks, so the step minimises exactly the configured
 objective (token-, task- or manually weighted).
+
+Per-task gradients at no extra backward: a task's micro-batches are contiguous, and ZeRO-3
+accumulates this rank's partition of the gradient across micro-steps, so the partition after task t's
+micro-batches minus the partition before them is task t's gradient on this rank's shard. Stacking the
+K task shards as S (K × n_local), S Sᵀ summed over ranks is the exact Gram matrix of the full task
+gradients: one all-reduce of K² numbers. Every rank derives the same task weights w from it
+(mtl_scale/surgery.py) and writes wᵀS back into its own shard before the optimizer step.
 """
 from __future__ import annotations
 
@@ -14,10 +22,38 @@ from typing import Callable
 
 import torch
 
+from mtl_scale import surgery as surgery_math
 from mtl_scale.data.formatting import token_loss_sum
 
 # A step's work: (task, [micro-batch, ...]) groups, each micro-batch a dict of tensors.
 StepGroups = list[tuple[str, list[dict[str, torch.Tensor]]]]
+
+
+@dataclass
+class Surgery:
+    """Gradient surgery on the shared trainable parameters (the hard adapter, the hybrid's shared one)."""
+    method: str
+    params: list[torch.nn.Parameter]
+    """Shared trainable parameters, ZeRO-3 partitioned."""
+    seed: int
+    """Seeds PCGrad's random task orders, per step: identical on every rank, reproducible on resume."""
+
+
+@dataclass
+class Coupling:
+    """Soft sharing's regulariser λ·Σ_t ||θ_t − mean(θ)||² over corresponding task-adapter parameters."""
+    strength: float
+    groups: list[list[torch.nn.Parameter]]
+    """Each: the same LoRA matrix in every task adapter (same shape, so same partition layout)."""
+
+
+@dataclass
+class SurgeryStats:
+    tasks: list[str]
+    gram: torch.Tensor
+    """K×K dot products of the step's task gradients (shared parameters, all ranks)."""
+    weights: torch.Tensor
+    projections: int
 
 
 @dataclass
@@ -29,15 +65,16 @@ class StepStats:
     """Completion tokens the loss was taken over."""
     tokens: int = 0
     """All non-padding tokens processed."""
+    surgery: SurgeryStats | None = None
 
 
-def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None],
-                   loss_scale: dict[str, float]) -> StepStats:
-    """Run every micro-batch of the step through forward, backward and ``engine.step()``.
+def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], loss_scale: dict[str, float],
+                   surgery: Surgery | None = None, coupling: Coupling | None = None, step: int = 0) -> StepStats:
+    """Run the step's micro-batches (forward, backward), take per-task gradient shards, apply
+    surgery, then let the last ``engine.step()`` update the parameters.
 
     Every rank must call this with the same tasks and micro-batch counts in the same order: ZeRO-3
-    gathers parameters and reduce-scatters gradients collectively at each micro-step. The optimizer
-    update happens inside the last ``engine.step()`` (the gradient-accumulation boundary).
+    gathers parameters and reduce-scatters gradients collectively at each micro-step.
     """
     n_micro = sum(len(mbs) for _, mbs in groups)
     if n_micro != engine.gradient_accumulation_steps():
@@ -46,20 +83,76 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None],
     clear_stale_grad_partitions(engine)
     stats = StepStats()
     loss_sums: dict[str, torch.Tensor] = {}  # kept on device: one host sync per step, not per micro-batch
-    device = engine.device
+    cumulative_shards = []  # after each task group: this rank's shard of the shared gradient so far
+    done = 0
     for task, micro_batches in groups:
         activate(task)  # which adapter the LoRA layers apply; trainable parameters never change
         for batch in micro_batches:
             stats.loss_tokens[task] = stats.loss_tokens.get(task, 0) + int((batch["labels"][:, 1:] != -100).sum())
             stats.tokens += int(batch["attention_mask"].sum())
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss_sum, _ = token_loss_sum(logits, batch["labels"])
             engine.backward(loss_sum * loss_scale[task])
-            engine.step()  # a no-op until the accumulation boundary, then the optimizer update
             loss_sums[task] = loss_sums.get(task, 0.0) + loss_sum.detach()
+            done += 1
+            if done < n_micro:
+                engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+        if surgery is not None:
+            cumulative_shards.append(read_local_grads(surgery.params))
+    if surgery is not None:
+        stats.surgery = apply_surgery(surgery, [t for t, _ in groups], cumulative_shards, step)
+    if coupling is not None:
+        add_coupling_grads(coupling)
+    engine.step()  # the accumulation boundary: clip, optimizer update, zero grads
     stats.loss_sum = {t: float(v) for t, v in loss_sums.items()}
     return stats
+
+
+def apply_surgery(surgery: Surgery, tasks: list[str], cumulative_shards: list[torch.Tensor],
+                  step: int) -> SurgeryStats:
+    """Per-task shards by differencing, Gram all-reduce, task weights, write-back of wᵀS."""
+    cumulative = torch.stack(cumulative_shards)          # (K, n_local)
+    shards = torch.diff(cumulative, dim=0, prepend=torch.zeros_like(cumulative[:1]))
+    gram = shards.double() @ shards.double().T           # (K, K), this rank's share of every dot product
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(gram)
+    orders = surgery_math.random_orders(len(tasks), torch.Generator().manual_seed(surgery.seed * 1_000_003 + step))
+    weights = surgery_math.task_weights(surgery.method, gram, orders)
+    if surgery.method != "sum":  # sum = telemetry only: the accumulated gradient is already Σ_k g_k
+        write_local_grads(surgery.params, weights.to(shards.dtype) @ shards)
+    projections = surgery_math.pcgrad_projections(gram, orders) if surgery.method == "pcgrad" else 0
+    return SurgeryStats(tasks, gram.float().cpu(), weights.float().cpu(), projections)
+
+
+def add_coupling_grads(coupling: Coupling) -> None:
+    """Add the regulariser's gradient, 2λ(θ_t − mean θ), to each task adapter's local shard.
+
+    (The mean's own dependence on θ_t cancels: Σ_s (θ_s − mean) = 0.) Elementwise, so local shards
+    suffice: corresponding parameters share a shape and hence a partition layout.
+    """
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
+    for group in coupling.groups:
+        thetas = torch.stack([safe_get_local_fp32_param(p).flatten() for p in group])
+        mean = thetas.mean(dim=0)
+        for p, theta in zip(group, thetas):
+            grad = safe_get_local_grad(p).flatten()
+            safe_set_local_grad(p, grad + 2 * coupling.strength * (theta - mean))
+
+
+def read_local_grads(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """This rank's partitions of the accumulated gradients of ``params``, concatenated (a copy)."""
+    from deepspeed.utils import safe_get_local_grad
+    return torch.cat([safe_get_local_grad(p).flatten().float() for p in params])
+
+
+def write_local_grads(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
+    from deepspeed.utils import safe_set_local_grad
+    offset = 0
+    for p in params:
+        n = p.ds_tensor.numel()
+        safe_set_local_grad(p, flat[offset:offset + n])
+        offset += n
 
 
 def clear_stale_grad_partitions(engine) -> None:

@@ -150,15 +150,16 @@ def evaluate_run(cfg: RunConfig, adapters_dir: str | None = None, include_base: 
     if missing:
         raise UserError(f"no trained adapter {missing[0]!r} under {root} (expected {', '.join(names)}); "
                         "train first, or point --adapters at a run's adapters/ directory")
-    model = None
-    for name in names:
-        if model is None:
-            model = PeftModel.from_pretrained(base, str(root / name), adapter_name=name)
-        else:
-            model.load_adapter(str(root / name), adapter_name=name)
-        model.set_adapter(name)
-        only = None if name == adapters_mod.SHARED else [name]
-        results["adapters"][name] = evaluate_model(model, tokenizer, tasks, cfg.eval, only=only)
+    model = PeftModel.from_pretrained(base, str(root / names[0]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(root / name), adapter_name=name)
+    if cfg.sharing == "hard":
+        results["adapters"][adapters_mod.SHARED] = evaluate_model(model, tokenizer, tasks, cfg.eval)
+        return results
+    for task in tasks:  # soft: the task's adapter; hybrid: shared + the task's adapter, both applied
+        combo = adapters_mod.adapters_for_task(cfg.sharing, task)
+        model.base_model.set_adapter(combo)
+        results["adapters"]["+".join(combo)] = evaluate_model(model, tokenizer, tasks, cfg.eval, only=[task])
     return results
 
 

@@ -97,6 +97,8 @@ def write_report(output_dir: str | Path) -> Path:
     fig.savefig(plots / "sampling_mix.png", dpi=110)
     plt.close(fig)
 
+    cosine_section = _cosine_heatmap(records, tasks, plots, plt)
+
     last = records[-1] if records else {}
     lines = ["# Run report", "", f"Run directory: `{out}` — {last.get('step', 0)} optimizer steps.", "",
              "## Final per-task metrics", "",
@@ -112,12 +114,50 @@ def write_report(output_dir: str | Path) -> Path:
                      f"{f'{100 * ev_em[-1]:.1f}%' if ev_em else '-'} |")
     lines += ["", "## Loss", "", "![per-task loss](plots/loss.png)", "",
               "## Held-out exact match", "", "![exact match](plots/exact_match.png)", "",
-              "## Sampling mix", "", "![sampling mix](plots/sampling_mix.png)", ""]
+              "## Sampling mix", "", "![sampling mix](plots/sampling_mix.png)", "", *cosine_section]
     path = out / "report.md"
     tmp = path.with_name("report.md.tmp")
     tmp.write_text("\n".join(lines))
     tmp.rename(path)
     return path
+
+
+def _cosine_heatmap(records: list[dict], tasks: list[str], plots: Path, plt) -> list[str]:
+    """Run-average cosine between task gradients (steps where both tasks were present), as a heatmap."""
+    import numpy as np
+
+    pairs: dict[tuple[str, str], list[float]] = {}
+    for r in records:
+        for k, v in r.items():
+            if k.startswith("grad_cos/"):
+                a, b = k[len("grad_cos/"):].split("|")
+                pairs.setdefault((a, b), []).append(v)
+    if not pairs:
+        return []
+    idx = {t: i for i, t in enumerate(tasks)}
+    mat = np.full((len(tasks), len(tasks)), np.nan)
+    np.fill_diagonal(mat, 1.0)
+    for (a, b), vals in pairs.items():
+        mat[idx[a], idx[b]] = mat[idx[b], idx[a]] = float(np.mean(vals))
+    fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 2.5, 1.0 * len(tasks) + 2))
+    im = ax.imshow(mat, cmap="RdBu", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    ax.set_yticks(range(len(tasks)), tasks)
+    for i in range(len(tasks)):
+        for j in range(len(tasks)):
+            if not np.isnan(mat[i, j]):
+                ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="mean cosine")
+    ax.set_title("Task-gradient cosine (shared adapter), run average")
+    fig.tight_layout()
+    fig.savefig(plots / "grad_cosine.png", dpi=110)
+    plt.close(fig)
+    conflict = [r["surgery/conflict_fraction"] for r in records if "surgery/conflict_fraction" in r]
+    projections = sum(r.get("surgery/projections", 0) for r in records)
+    return ["## Where tasks fight: gradient conflicts", "",
+            f"Mean fraction of conflicting task pairs per step (cosine < 0): "
+            f"{(sum(conflict) / len(conflict)) if conflict else 0:.2f}; PCGrad projections applied: {int(projections)}.",
+            "", "![gradient cosine](plots/grad_cosine.png)", ""]
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ class MetricsWriter:
 
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (self.dir / "metrics.jsonl").open("a", buffering=1)
+        # A fresh run starts a fresh file; a run continuing from a step appends to its history.
+        self._jsonl = (self.dir / "metrics.jsonl").open("a" if initial_step else "w", buffering=1)
         self._tb = SummaryWriter(str(self.dir / "tensorboard"))
         self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
 

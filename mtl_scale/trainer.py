@@ -24,11 +24,13 @@ from mtl_scale.config import RunConfig, to_dict
 from mtl_scale.data.formatting import collate
 from mtl_scale.data.prepare import TaskData, prepare_tasks
 from mtl_scale.ds_config import build_ds_config, gradient_accumulation_steps, zero_stage
-from mtl_scale.engine import StepStats, optimizer_step
+from mtl_scale.engine import Coupling, StepStats, Surgery, optimizer_step
 from mtl_scale.evaluate import evaluate_during_training
 from mtl_scale.loss_weighting import loss_scales
 from mtl_scale.model import load_model, load_tokenizer, resolve_model_path
+from mtl_scale.errors import UserError
 from mtl_scale.sampling import TaskSampler
+from mtl_scale.surgery import cosine_matrix
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ class Run:
     sampler: TaskSampler
     ds_config: dict
     hf_ds_config: object = None  # keeps transformers' ZeRO-3 integration alive for the run
+    surgery: Surgery | None = None
+    coupling: Coupling | None = None
     step: int = 0
     history: list[dict] = field(default_factory=list)
 
@@ -114,29 +118,52 @@ def setup(cfg: RunConfig) -> Run:
     # Alive before from_pretrained: transformers then builds the model inside zero.Init, partitioned.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     model = load_model(cfg.model, model_path)
-    model = adapters.attach_adapters(model, cfg.lora, adapters.adapter_names(cfg.sharing, list(tasks)), cfg.seed)
+    names = adapters.adapter_names(cfg.sharing, list(tasks))
+    model = adapters.attach_adapters(model, cfg.lora, names, cfg.seed,
+                                     task_r=cfg.hybrid.task_r if cfg.sharing == "hybrid" else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=trainable, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
     sampler = TaskSampler({t: len(d.train) for t, d in tasks.items()}, cfg.sampling, cfg.seed, rank, world)
+    surgery, coupling = _surgery_and_coupling(cfg, model, names, zero_stage(ds_config))
     if rank == 0:
         log.info("world %d, ZeRO stage %d, sharing=%s, adapters %s, trainable parameters %d",
                  world, zero_stage(ds_config), cfg.sharing, adapters.adapter_names(cfg.sharing, list(tasks)),
                  sum(getattr(p, "ds_numel", p.numel()) for p in trainable))
-    return Run(cfg, rank, world, model_path, tokenizer, tasks, model, engine, sampler, ds_config, hf_ds_config)
+    return Run(cfg, rank, world, model_path, tokenizer, tasks, model, engine, sampler, ds_config, hf_ds_config,
+               surgery, coupling)
+
+
+def _surgery_and_coupling(cfg: RunConfig, model, names: list[str], stage: int):
+    """Which parameters surgery and the soft coupling act on; both work on ZeRO-3's local shards."""
+    needs_shards = cfg.surgery.method != "sum" or (cfg.surgery.telemetry and cfg.sharing != "soft") or cfg.soft.coupling
+    if needs_shards and stage != 3:
+        raise UserError(f"surgery.method={cfg.surgery.method} / surgery.telemetry / soft.coupling work on ZeRO-3's "
+                        f"gradient partitions; deepspeed_config {cfg.deepspeed_config} has ZeRO stage {stage}")
+    surgery = coupling = None
+    if cfg.surgery.method != "sum" or (cfg.surgery.telemetry and cfg.sharing != "soft"):
+        shared = list(adapters.lora_parameters(model, adapters.SHARED).values())
+        surgery = Surgery(cfg.surgery.method, shared, cfg.seed)
+    if cfg.soft.coupling:
+        per_adapter = [adapters.lora_parameters(model, name) for name in names]
+        keys = [k.replace(f".{names[0]}.", ".{}.") for k in per_adapter[0]]
+        groups = [[per_adapter[i][k.format(name)] for i, name in enumerate(names)] for k in keys]
+        coupling = Coupling(cfg.soft.coupling, groups)
+    return surgery, coupling
 
 
 def _activator(run: Run):
-    """Task -> activate its adapter. Hard sharing has one adapter, always active: nothing to switch."""
+    """Task -> make the LoRA layers apply its adapters. Hard sharing: always the same, nothing to do."""
     if run.cfg.sharing == "hard":
         return lambda task: None
     from peft.tuners.tuners_utils import BaseTunerLayer
     layers = [m for m in run.model.modules() if isinstance(m, BaseTunerLayer)]
 
     def activate(task: str) -> None:
+        names = adapters.adapters_for_task(run.cfg.sharing, task)
         for layer in layers:
-            layer._active_adapter = [task]
+            layer._active_adapter = names
     return activate
 
 
@@ -189,6 +216,24 @@ def reduce_stats(run: Run, stats: StepStats) -> dict[str, float]:
     return out
 
 
+def surgery_metrics(s, task_order: list[str]) -> dict[str, float]:
+    """Per-task gradient norms and surgery weights, pairwise cosines, conflicts and projections."""
+    cos = cosine_matrix(s.gram)
+    out = {"surgery/projections": float(s.projections)}
+    for i, t in enumerate(s.tasks):
+        out[f"grad_norm/{t}"] = float(s.gram[i, i].clamp(min=0).sqrt())
+        out[f"surgery_weight/{t}"] = float(s.weights[i])
+    pairs = []
+    for i in range(len(s.tasks)):
+        for j in range(i + 1, len(s.tasks)):
+            a, b = sorted((s.tasks[i], s.tasks[j]), key=task_order.index)
+            out[f"grad_cos/{a}|{b}"] = float(cos[i, j])
+            pairs.append(float(cos[i, j]))
+    if pairs:
+        out["surgery/conflict_fraction"] = sum(c < 0 for c in pairs) / len(pairs)
+    return out
+
+
 def train_loop(run: Run) -> None:
     cfg = run.cfg
     writer = None
@@ -202,8 +247,11 @@ def train_loop(run: Run) -> None:
         while run.step < cfg.max_steps:
             t0 = time.perf_counter()
             groups = next_step_groups(run, run.step)
-            stats = optimizer_step(run.engine, groups, activate, step_loss_scales(run, groups))
+            stats = optimizer_step(run.engine, groups, activate, step_loss_scales(run, groups),
+                                   run.surgery, run.coupling, step=run.step)
             metrics = reduce_stats(run, stats)
+            if stats.surgery is not None:
+                metrics.update(surgery_metrics(stats.surgery, list(run.tasks)))
             step_time = time.perf_counter() - t0
             run.step += 1
             metrics.update(lr=run.engine.get_lr()[0], step_time_s=step_time,

@@ -64,8 +64,17 @@ def test_unknown_key_lists_valid_ones(tmp_path):
     ("tasks.0.format=xml", r"tasks.0.format \(task 'a'\)='xml' is not allowed; choose one of: prompt_completion, alpaca, chat"),
     ("sampling.strategy=manual", r"sampling.weights must give one weight per task; missing: \['a'\]"),
     ("noequals", r"must look like key=value"),
+    ("surgery.method=pcgrad", r"surgery.method=pcgrad acts on the adapter the tasks share, and sharing=soft has none"),
+    ("surgery.method=graddrop", r"surgery.method='graddrop' is not allowed; choose one of: sum, mean, pcgrad, mgda"),
+    ("soft.coupling=0.1 sharing=hard", None),
+    ("tasks.0.name=shared", r"tasks.0.name='shared' is reserved for the shared adapter"),
+    ("loss.task_weighting=manual", r"loss.weights must give one weight per task; missing: \['a'\]"),
 ])
 def test_bad_values_name_key_and_allowed(tmp_path, override, message):
+    if message is None:  # two overrides that only conflict together
+        with pytest.raises(ConfigError, match="soft.coupling couples per-task adapters; it needs sharing=soft"):
+            load_config(_yaml(tmp_path, TASK), override.split())
+        return
     with pytest.raises(ConfigError, match=message):
         load_config(_yaml(tmp_path, TASK), [override])
 

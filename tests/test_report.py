@@ -28,3 +28,16 @@ def test_report_from_metrics(tmp_path):
         assert img.shape[0] > 200 and img.shape[1] > 400
         assert img.std() > 0.01  # something was drawn
     assert not (tmp_path / "report.md.tmp").exists()
+    assert "gradient conflicts" not in report and not (tmp_path / "plots" / "grad_cosine.png").exists()
+
+
+def test_report_cosine_heatmap(tmp_path):
+    recs = [{"step": 1, "loss/a": 1.0, "loss/b": 1.0, "grad_cos/a|b": -0.5, "surgery/conflict_fraction": 1.0,
+             "surgery/projections": 2},
+            {"step": 2, "loss/a": 1.0, "loss/b": 1.0, "grad_cos/a|b": 0.1, "surgery/conflict_fraction": 0.0,
+             "surgery/projections": 0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    report = write_report(tmp_path).read_text()
+    assert "Mean fraction of conflicting task pairs per step (cosine < 0): 0.50; PCGrad projections applied: 2." in report
+    img = mpimg.imread(tmp_path / "plots" / "grad_cosine.png")
+    assert img.std() > 0.01

@@ -40,9 +40,13 @@ def main():
     run.engine.eval()
     logits = {}
     with torch.no_grad():
-        for name in run.adapter_names:
-            adapters.activate(run.model, name)
-            logits[name] = run.engine(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.cpu()
+        combos = [[name] for name in run.adapter_names]
+        if cfg.sharing == "hybrid":  # what a task's forward uses: both adapters at once
+            combos += [adapters.adapters_for_task("hybrid", t) for t in run.tasks]
+        for combo in combos:
+            adapters.activate(run.model, combo)
+            logits["+".join(combo)] = run.engine(input_ids=enc["input_ids"],
+                                                 attention_mask=enc["attention_mask"]).logits.cpu()
     if run.is_writer:
         torch.save({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "logits": logits},
                    out / "probe_logits.pt")
