@@ -1,4 +1,4 @@
-# make demo   — on a fresh machine: set up, build the embedded tiny model, train 4 tasks on 2 ranks, evaluate
+# make demo   — on a fresh machine: set up, build the embedded tiny model, train 4 tasks on 2 ranks, evaluate, merge
 # make test   — on a fresh machine: set up, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ PORT ?= 29500
 NUM_RANKS ?= 2
 export MTL_SCALE_CACHE ?= $(CURDIR)/.cache/mtl_scale
 
-.PHONY: setup tiny-model demo train evaluate test test-fast clean
+.PHONY: setup tiny-model demo train evaluate merge test test-fast clean
 
 # The CPU torch wheel first: a bare torch requirement would pull a multi-GB CUDA build.
 # On a GPU machine, install the torch build you want first and `make setup` keeps it.
@@ -28,7 +28,10 @@ train: tiny-model
 evaluate: setup
 	$(PY) launch/evaluate.py --config configs/demo.yaml
 
-demo: train evaluate
+merge: setup
+	$(PY) launch/merge.py runs/demo
+
+demo: train evaluate merge
 
 test: setup
 	$(PY) -m pytest -q tests
