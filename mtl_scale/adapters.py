@@ -98,25 +98,29 @@ def save_adapter(model, name: str, out_dir: str | os.PathLike, base_model: str, 
     """Write adapter ``name`` to ``out_dir`` in the standard PEFT layout
     (adapter_config.json + adapter_model.safetensors), loadable by ``PeftModel.from_pretrained``.
 
-    Collective (gathers ZeRO-3 partitions); only ``is_writer`` writes. Written to a temporary
-    directory and renamed, so a crash never leaves a complete-looking partial adapter.
+    Collective (gathers ZeRO-3 partitions); only ``is_writer`` writes.
     """
+    state = gathered_adapter_state(model, name)
+    if is_writer:
+        write_adapter_dir(model.peft_config[name], state, Path(out_dir), base_model)
+
+
+def write_adapter_dir(config, state: dict[str, torch.Tensor], out: Path, base_model: str) -> Path:
+    """PEFT layout, written to a temporary directory and renamed: a crash never leaves a
+    complete-looking partial adapter."""
     from safetensors.torch import save_file
 
-    state = gathered_adapter_state(model, name)
-    if not is_writer:
-        return
-    out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    config = copy.deepcopy(model.peft_config[name])
+    config = copy.deepcopy(config)
     config.base_model_name_or_path = base_model
     config.inference_mode = True
     config.save_pretrained(str(tmp))
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"),
               metadata={"format": "pt"})
     shapes = {k: list(v.shape) for k, v in state.items()}
-    (tmp / "mtl_scale_adapter.json").write_text(json.dumps({"adapter": name, "tensors": shapes}, indent=1))
+    (tmp / "mtl_scale_adapter.json").write_text(json.dumps({"tensors": shapes}, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    return out

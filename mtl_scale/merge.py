@@ -12,7 +12,6 @@ adapter, and each merged adapter, and the *retention* = merged exact match / own
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mtl_scale.adapters import write_adapter_dir
 from mtl_scale.config import load_config
 from mtl_scale.data.prepare import prepare_tasks
 from mtl_scale.errors import UserError
@@ -99,23 +99,11 @@ def add_merged_adapter(model, names: list[str], method: str, weights: list[float
 
 
 def save_adapter_dir(model, name: str, out: Path, base_path: str) -> Path:
-    """One adapter of a PeftModel in the standard PEFT layout (written to a temp name, renamed)."""
+    """One adapter of a (non-partitioned) PeftModel in the standard PEFT layout."""
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = copy.deepcopy(model.peft_config[name])
-    config.base_model_name_or_path = base_path
-    config.inference_mode = True
-    config.save_pretrained(str(tmp))
     state = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return write_adapter_dir(model.peft_config[name], state, out, base_path)
 
 
 def save_full_model(base_path: str, adapter_dir: Path, out: Path, dtype: str = "fp32",

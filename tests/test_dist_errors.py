@@ -50,6 +50,6 @@ def test_bad_input_fails_cleanly_on_every_rank(make, tmp_path, tiny_model_dir):
     config, message = make(tmp_path)
     res = launch("launch/train.py", ["--config", str(config)], timeout=180, check=False)
     assert res.returncode != 0
-    assert f"mtl_scale: error: " in res.stdout and message in res.stdout, res.stdout[-3000:]
+    assert "mtl_scale: error: " in res.stdout and message in res.stdout, res.stdout[-3000:]
     assert "Traceback" not in res.stdout, res.stdout[-3000:]
     assert not (tmp_path / "out" / "adapters").exists()

@@ -48,7 +48,7 @@ def reference_adapters(cfg, model_dir, drawn_per_rank):
     shared = list(adapters.lora_parameters(model, adapters.SHARED).values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=EPS, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    gas, world = gradient_accumulation_steps(cfg), len(drawn_per_rank)
+    gas = gradient_accumulation_steps(cfg)
     for p in params:  # DeepSpeed's flat fp32 partition steps every adapter every step, used or not
         p.grad = torch.zeros_like(p)
     for step in range(cfg.max_steps):
