@@ -188,6 +188,9 @@ class RunConfig:
     against the current directory, then the mtl_scale checkout."""
     log_every: int = 1
     """Write metrics every N optimizer steps."""
+    max_consecutive_skips: int = 10
+    """A step whose loss or gradient is non-finite on any rank is skipped on all ranks (DeepSpeed
+    checks the all-reduced gradient norm); after this many in a row the run aborts."""
     dist_timeout_s: int = 600
     """Collective timeout: a rank stuck this long (a peer died) aborts instead of hanging."""
 
@@ -330,7 +333,8 @@ def validate(cfg: RunConfig, where: str = "<config>") -> None:
     if cfg.soft.coupling and cfg.sharing != "soft":
         raise ConfigError(f"{where}: soft.coupling couples per-task adapters; it needs sharing=soft")
     for key in ("max_steps", "micro_batch_size", "max_seq_len", "lora.r", "sampling.tasks_per_step",
-                "sampling.micro_batches_per_task", "log_every", "eval.batch_size", "dist_timeout_s"):
+                "sampling.micro_batches_per_task", "log_every", "eval.batch_size", "dist_timeout_s",
+                "max_consecutive_skips"):
         _positive(where, key, _get(cfg, key))
     for key in ("lr", "lora.alpha", "sampling.temperature", "hybrid.task_r"):
         _positive(where, key, _get(cfg, key))

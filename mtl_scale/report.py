@@ -105,7 +105,7 @@ def write_report(output_dir: str | Path) -> Path:
              "| task | target p | realised share | samples seen | train loss (last 10 steps) | eval loss | eval exact match |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for t in tasks:
-        recent = [r[f"loss/{t}"] for r in records[-10:] if f"loss/{t}" in r]
+        recent = [r[f"loss/{t}"] for r in records[-10:] if isinstance(r.get(f"loss/{t}"), (int, float))]
         train = f"{sum(recent) / len(recent):.3f}" if recent else "-"
         ev_steps, ev_loss = _series(records, f"eval/loss/{t}")
         _, ev_em = _series(records, f"eval/exact_match/{t}")
@@ -130,8 +130,9 @@ def _cosine_heatmap(records: list[dict], tasks: list[str], plots: Path, plt) -> 
     for r in records:
         for k, v in r.items():
             if k.startswith("grad_cos/"):
-                a, b = k[len("grad_cos/"):].split("|")
-                pairs.setdefault((a, b), []).append(v)
+                if isinstance(v, (int, float)):  # non-finite values are written as strings
+                    a, b = k[len("grad_cos/"):].split("|")
+                    pairs.setdefault((a, b), []).append(v)
     if not pairs:
         return []
     idx = {t: i for i, t in enumerate(tasks)}
@@ -152,7 +153,8 @@ def _cosine_heatmap(records: list[dict], tasks: list[str], plots: Path, plt) -> 
     fig.tight_layout()
     fig.savefig(plots / "grad_cosine.png", dpi=110)
     plt.close(fig)
-    conflict = [r["surgery/conflict_fraction"] for r in records if "surgery/conflict_fraction" in r]
+    conflict = [r["surgery/conflict_fraction"] for r in records
+                if isinstance(r.get("surgery/conflict_fraction"), (int, float))]
     projections = sum(r.get("surgery/projections", 0) for r in records)
     return ["## Where tasks fight: gradient conflicts", "",
             f"Mean fraction of conflicting task pairs per step (cosine < 0): "

@@ -28,7 +28,7 @@ from mtl_scale.engine import Coupling, StepStats, Surgery, optimizer_step
 from mtl_scale.evaluate import evaluate_during_training
 from mtl_scale.loss_weighting import loss_scales
 from mtl_scale.model import load_model, load_tokenizer, resolve_model_path
-from mtl_scale.errors import UserError
+from mtl_scale.errors import TrainingAborted, UserError
 from mtl_scale.sampling import TaskSampler
 from mtl_scale.surgery import cosine_matrix
 
@@ -67,6 +67,13 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # srun, one task per GPU
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ["SLURM_LOCALID"],
+                          LOCAL_WORLD_SIZE=os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise UserError("under srun, export MASTER_ADDR (the first node's hostname) and MASTER_PORT; "
+                            "see launch/slurm_srun.sbatch")
     if "RANK" not in os.environ:  # started without a launcher: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -242,6 +249,7 @@ def train_loop(run: Run) -> None:
         writer = MetricsWriter(cfg.output_dir, cfg.max_steps, initial_step=run.step)
     activate = _activator(run)
     micro_batches_seen = {t: 0 for t in run.tasks}
+    consecutive_skips = 0
     run.engine.train()
     try:
         while run.step < cfg.max_steps:
@@ -250,6 +258,15 @@ def train_loop(run: Run) -> None:
             stats = optimizer_step(run.engine, groups, activate, step_loss_scales(run, groups),
                                    run.surgery, run.coupling, step=run.step)
             metrics = reduce_stats(run, stats)
+            # DeepSpeed skips the update on every rank when the all-reduced gradient norm is not finite
+            skipped = not run.engine.was_step_applied()
+            consecutive_skips = consecutive_skips + 1 if skipped else 0
+            metrics.update(step_skipped=int(skipped), skipped_steps=run.engine.skipped_steps)
+            if consecutive_skips >= cfg.max_consecutive_skips:
+                raise TrainingAborted(
+                    f"step {run.step + 1}: the loss or gradient was not finite on some rank for {consecutive_skips} "
+                    f"steps in a row (max_consecutive_skips={cfg.max_consecutive_skips}); nothing was updated in "
+                    "them. Lower lr, check the data of the tasks in these steps, or use fp32/bf16 instead of fp16")
             if stats.surgery is not None:
                 metrics.update(surgery_metrics(stats.surgery, list(run.tasks)))
             step_time = time.perf_counter() - t0

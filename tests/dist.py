@@ -49,7 +49,8 @@ def launch(script: str, args: list[str], nprocs: int = 2, timeout: float = 600, 
     return res
 
 
-def launch_two_nodes(script: str, args: list[str], timeout: float = 600) -> list[subprocess.CompletedProcess]:
+def launch_two_nodes(script: str, args: list[str], timeout: float = 600,
+                     env: dict | None = None) -> list[subprocess.CompletedProcess]:
     """Two simulated nodes of one rank each, started the way the multi-node runner starts each host."""
     world = base64.urlsafe_b64encode(json.dumps({"node0": [0], "node1": [0]}).encode()).decode()
     port = free_port()
@@ -58,7 +59,8 @@ def launch_two_nodes(script: str, args: list[str], timeout: float = 600) -> list
         cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
                f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", script, *args]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+                                      start_new_session=True,
+                                      env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}))
     results = []
     try:
         for p in procs:

@@ -12,7 +12,7 @@ def test_report_from_metrics(tmp_path):
              "sampling_prob/add": 0.3, "mix/copy": 0.7, "mix/add": 0.3, "samples/copy": 14 * step,
              "samples/add": 6 * step}
         if step % 2 == 0:
-            r["loss/add"] = 2.0
+            r["loss/add"] = 2.0 if step != 20 else "nan"  # a skipped step: non-finite, written as a string
         if step % 10 == 0:
             r.update({"eval/loss/copy": 0.5, "eval/exact_match/copy": step / 20, "eval/loss/add": 1.5,
                       "eval/exact_match/add": 0.25})

@@ -1,0 +1,48 @@
+"""Test driver: the real trainer with faults injected on one rank.
+
+Env: FAULT_RANK (which rank), FAULT_NAN_STEPS (comma list of 0-based steps whose loss is NaN there),
+FAULT_DIE_STEP (the rank exits abruptly at the start of that step).
+"""
+import os
+import sys
+
+import torch
+
+import mtl_scale.engine
+import mtl_scale.trainer
+from mtl_scale.cli import run_entry
+from mtl_scale.config import load_config
+
+RANK = int(os.environ.get("FAULT_RANK", "1"))
+NAN_STEPS = {int(s) for s in os.environ.get("FAULT_NAN_STEPS", "").split(",") if s}
+DIE_STEP = int(os.environ.get("FAULT_DIE_STEP", "-1"))
+current = {"step": -1}
+
+real_step, real_loss = mtl_scale.trainer.optimizer_step, mtl_scale.engine.token_loss_sum
+
+
+def step_with_faults(*args, step=0, **kwargs):
+    current["step"] = step
+    if step == DIE_STEP and int(os.environ["RANK"]) == RANK:
+        os._exit(3)  # a crash: no cleanup, no goodbye to the process group
+    return real_step(*args, step=step, **kwargs)
+
+
+def loss_with_faults(logits, labels):
+    s, n = real_loss(logits, labels)
+    if current["step"] in NAN_STEPS and int(os.environ["RANK"]) == RANK:
+        s = s * torch.tensor(float("nan"))
+    return s, n
+
+
+mtl_scale.trainer.optimizer_step = step_with_faults
+mtl_scale.engine.token_loss_sum = loss_with_faults
+
+
+def main():
+    mtl_scale.trainer.train(load_config(sys.argv[1], sys.argv[2:]))
+
+
+if __name__ == "__main__":
+    sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+    run_entry(main)
