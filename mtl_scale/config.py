@@ -125,6 +125,15 @@ class SoftConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Write a checkpoint (adapters, optimizer, scheduler, sampler, RNG) every N steps (0: never).
+    SIGTERM (cluster pre-emption) always writes one and exits 0."""
+    keep_last: int = 2
+    """Complete checkpoints to keep; older ones are deleted."""
+
+
+@dataclass
 class LossConfig:
     task_weighting: str = "token"
     """How a step's losses combine (see mtl_scale/loss_weighting.py): token (every completion token of
@@ -188,6 +197,9 @@ class RunConfig:
     against the current directory, then the mtl_scale checkout."""
     log_every: int = 1
     """Write metrics every N optimizer steps."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = "none"
+    """none | auto (the newest complete checkpoint under output_dir, if any) | a checkpoint directory."""
     max_consecutive_skips: int = 10
     """A step whose loss or gradient is non-finite on any rank is skipped on all ranks (DeepSpeed
     checks the all-reduced gradient norm); after this many in a row the run aborts."""
@@ -334,12 +346,12 @@ def validate(cfg: RunConfig, where: str = "<config>") -> None:
         raise ConfigError(f"{where}: soft.coupling couples per-task adapters; it needs sharing=soft")
     for key in ("max_steps", "micro_batch_size", "max_seq_len", "lora.r", "sampling.tasks_per_step",
                 "sampling.micro_batches_per_task", "log_every", "eval.batch_size", "dist_timeout_s",
-                "max_consecutive_skips"):
+                "max_consecutive_skips", "checkpoint.keep_last"):
         _positive(where, key, _get(cfg, key))
     for key in ("lr", "lora.alpha", "sampling.temperature", "hybrid.task_r"):
         _positive(where, key, _get(cfg, key))
     for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval.max_new_tokens", "eval.every_steps",
-                "eval.max_examples", "soft.coupling"):
+                "eval.max_examples", "soft.coupling", "checkpoint.every_steps"):
         _positive(where, key, _get(cfg, key), zero_ok=True)
     if not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"{where}: lora.dropout must be in [0, 1), got {cfg.lora.dropout}")

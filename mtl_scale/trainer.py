@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mtl_scale import adapters
+from mtl_scale import adapters, checkpoint
 from mtl_scale.config import RunConfig, to_dict
 from mtl_scale.data.formatting import collate
 from mtl_scale.data.prepare import TaskData, prepare_tasks
@@ -52,6 +53,11 @@ class Run:
     coupling: Coupling | None = None
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    micro_batches_seen: dict[str, int] = field(default_factory=dict)
+    consecutive_skips: int = 0
+    stop_requested: bool = False
+    """Set by SIGTERM; acted on (checkpoint, exit 0) at the end of the step, on every rank together."""
+    preempted: bool = False
 
     @property
     def is_writer(self) -> bool:
@@ -248,8 +254,7 @@ def train_loop(run: Run) -> None:
         from mtl_scale.telemetry import MetricsWriter
         writer = MetricsWriter(cfg.output_dir, cfg.max_steps, initial_step=run.step)
     activate = _activator(run)
-    micro_batches_seen = {t: 0 for t in run.tasks}
-    consecutive_skips = 0
+    run.micro_batches_seen = run.micro_batches_seen or {t: 0 for t in run.tasks}
     run.engine.train()
     try:
         while run.step < cfg.max_steps:
@@ -260,13 +265,14 @@ def train_loop(run: Run) -> None:
             metrics = reduce_stats(run, stats)
             # DeepSpeed skips the update on every rank when the all-reduced gradient norm is not finite
             skipped = not run.engine.was_step_applied()
-            consecutive_skips = consecutive_skips + 1 if skipped else 0
+            run.consecutive_skips = run.consecutive_skips + 1 if skipped else 0
             metrics.update(step_skipped=int(skipped), skipped_steps=run.engine.skipped_steps)
-            if consecutive_skips >= cfg.max_consecutive_skips:
+            if run.consecutive_skips >= cfg.max_consecutive_skips:
                 raise TrainingAborted(
-                    f"step {run.step + 1}: the loss or gradient was not finite on some rank for {consecutive_skips} "
-                    f"steps in a row (max_consecutive_skips={cfg.max_consecutive_skips}); nothing was updated in "
-                    "them. Lower lr, check the data of the tasks in these steps, or use fp32/bf16 instead of fp16")
+                    f"step {run.step + 1}: the loss or gradient was not finite on some rank for "
+                    f"{run.consecutive_skips} steps in a row (max_consecutive_skips={cfg.max_consecutive_skips}); "
+                    "nothing was updated in them. Lower lr, check the data of the tasks in these steps, or use "
+                    "fp32/bf16 instead of fp16")
             if stats.surgery is not None:
                 metrics.update(surgery_metrics(stats.surgery, list(run.tasks)))
             step_time = time.perf_counter() - t0
@@ -275,9 +281,9 @@ def train_loop(run: Run) -> None:
                            tokens_per_s=metrics["tokens"] / step_time)
             for task, micro_batches in groups:
                 metrics[f"micro_batches/{task}"] = len(micro_batches)
-                micro_batches_seen[task] += len(micro_batches)
-            total = sum(micro_batches_seen.values())
-            for task, n in micro_batches_seen.items():
+                run.micro_batches_seen[task] += len(micro_batches)
+            total = sum(run.micro_batches_seen.values())
+            for task, n in run.micro_batches_seen.items():
                 metrics[f"samples/{task}"] = n * cfg.micro_batch_size * run.world
                 metrics[f"mix/{task}"] = n / total  # the realised sampling mix so far
                 metrics[f"sampling_prob/{task}"] = run.sampler.probs[task]
@@ -290,9 +296,45 @@ def train_loop(run: Run) -> None:
                 if run.step % cfg.log_every == 0 or run.step == cfg.max_steps or any(k.startswith("eval/") for k in metrics):
                     writer.log(run.step, metrics)
                 writer.advance()
+            preempt = _any_rank(run, run.stop_requested)
+            if preempt or (cfg.checkpoint.every_steps and run.step % cfg.checkpoint.every_steps == 0
+                           and run.step < cfg.max_steps):
+                save_checkpoint(run)
+            if preempt:
+                run.preempted = True
+                log.warning("SIGTERM: checkpoint written at step %d; exiting (resume=auto continues)", run.step)
+                break
     finally:
         if writer:
             writer.close()
+
+
+def _any_rank(run: Run, flag: bool) -> bool:
+    """True on every rank if ``flag`` is set on any (one tiny all-reduce)."""
+    t = torch.tensor([float(flag)], device=run.engine.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def save_checkpoint(run: Run) -> Path:
+    state = {"step": run.step, "sampler": run.sampler.state_dict(), "micro_batches_seen": run.micro_batches_seen,
+             "consecutive_skips": run.consecutive_skips, "torch_rng": torch.get_rng_state()}
+    return checkpoint.save(run.engine, run.rank, run.step, run.cfg, state)
+
+
+def restore(run: Run, ckpt: Path) -> None:
+    state = checkpoint.load(run.engine, run.rank, ckpt)
+    run.step = state["step"]
+    run.sampler.load_state_dict(state["sampler"])
+    run.micro_batches_seen = state["micro_batches_seen"]
+    run.consecutive_skips = state["consecutive_skips"]
+    torch.set_rng_state(state["torch_rng"])
+    if run.is_writer:  # drop metrics a killed run wrote after this checkpoint
+        path = Path(run.cfg.output_dir) / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= run.step]
+            path.write_text("".join(line + "\n" for line in kept))
+    log.info("resumed from %s at step %d", ckpt, run.step)
 
 
 def save_adapters(run: Run) -> Path:
@@ -321,7 +363,12 @@ def finish(run: Run) -> None:
 
 
 def train(cfg: RunConfig) -> Run:
+    ckpt = checkpoint.resolve_resume(cfg)  # before the heavy set-up: a wrong resume fails fast
     run = setup(cfg)
+    if ckpt is not None:
+        restore(run, ckpt)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(run, "stop_requested", True))
     train_loop(run)
-    finish(run)
+    if not run.preempted:
+        finish(run)
     return run

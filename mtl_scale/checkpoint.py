@@ -1,0 +1,96 @@
+"""Periodic checkpoints and exact resume.
+
+    <output_dir>/checkpoints/step_00000040/
+        engine/                 DeepSpeed's state: LoRA weights, fp32 partitions, Adam moments, LR
+                                scheduler (frozen base weights excluded: a few MB, not the model)
+        trainer_rank<r>.pt      per rank: step, sampler cursors/epochs, counters, torch RNG
+        config.yaml             the run config that wrote it
+        COMPLETE                written last, after every rank finished
+
+A checkpoint is written under ``step_N.partial`` and renamed when complete, so a run killed
+mid-write leaves a directory that ``resume=auto`` never picks. Task schedules and PCGrad orders are
+functions of (seed, step), so restoring the step restores them.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from mtl_scale.config import RunConfig, to_dict
+from mtl_scale.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Keys that may differ between the run that wrote a checkpoint and the one resuming from it.
+RESUMABLE_CHANGES = ("max_steps", "output_dir", "resume", "checkpoint", "eval", "log_every", "dist_timeout_s",
+                     "max_consecutive_skips")
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_complete(output_dir: str | Path) -> Path | None:
+    done = [p for p in checkpoint_dir(output_dir).glob("step_*") if (p / "COMPLETE").is_file()]
+    return max(done, key=lambda p: int(p.name.split("_")[1])) if done else None
+
+
+def save(engine, rank: int, step: int, cfg: RunConfig, rank_state: dict) -> Path:
+    """Collective: every rank writes its part, then rank 0 marks the checkpoint complete."""
+    import torch.distributed as dist
+
+    root = checkpoint_dir(cfg.output_dir)
+    final = root / f"step_{step:08d}"
+    partial = root / f"step_{step:08d}.partial"
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(partial), tag="engine", save_latest=False, exclude_frozen_parameters=True)
+    torch.save(rank_state, partial / f"trainer_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (partial / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (partial / "COMPLETE").write_text(f"step {step}\n")
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        for old in sorted((p for p in root.glob("step_*") if (p / "COMPLETE").is_file()),
+                          key=lambda p: int(p.name.split("_")[1]))[:-cfg.checkpoint.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint: %s", final)
+    dist.barrier()
+    return final
+
+
+def resolve_resume(cfg: RunConfig) -> Path | None:
+    """The checkpoint to resume from (``resume``: none | auto | a checkpoint directory), checked
+    against this run's config."""
+    if cfg.resume == "none":
+        return None
+    ckpt = latest_complete(cfg.output_dir) if cfg.resume == "auto" else Path(cfg.resume)
+    if ckpt is None:
+        return None  # auto with nothing to resume: a fresh start
+    if not (ckpt / "COMPLETE").is_file():
+        raise UserError(f"resume={cfg.resume}: {ckpt} is not a complete mtl_scale checkpoint (no COMPLETE marker)")
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    now = to_dict(cfg)
+    differ = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if differ:
+        raise UserError(f"resume: {ckpt} was written by a different config; differing keys: {', '.join(differ)} "
+                        f"(only {', '.join(RESUMABLE_CHANGES)} may change on resume)")
+    return ckpt
+
+
+def load(engine, rank: int, ckpt: Path) -> dict:
+    """Restore the engine (weights, optimizer, scheduler) and return this rank's trainer state."""
+    path, _ = engine.load_checkpoint(str(ckpt), tag="engine", load_module_strict=False)
+    if path is None:
+        raise UserError(f"resume: DeepSpeed found no engine state in {ckpt / 'engine'}")
+    state_file = ckpt / f"trainer_rank{rank}.pt"
+    if not state_file.is_file():
+        raise UserError(f"resume: {state_file} is missing; was the checkpoint written with another number of ranks?")
+    return torch.load(state_file, weights_only=True)
