@@ -30,6 +30,7 @@ TINY_MODEL = "builtin:tiny-llama"
 SHARING_MODES = ("hard", "soft", "hybrid")
 SURGERY_METHODS = ("sum", "mean", "pcgrad", "mgda")
 DTYPES = ("fp32", "bf16", "fp16")
+QUANTIZATION = ("none", "nf4", "fp4")
 TASK_FORMATS = ("prompt_completion", "alpaca", "chat")
 SAMPLING_STRATEGIES = ("proportional", "temperature", "uniform", "manual")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -50,6 +51,9 @@ class ModelConfig:
     """Run code shipped with the checkpoint. Off unless you trust the checkpoint's source."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% more compute. Use it for 7B+ models."""
+    quantization: str = "none"
+    """QLoRA: none | nf4 | fp4 — load the frozen base in 4 bits with bitsandbytes (the packed weights
+    are stored in ``dtype`` so that ZeRO-3 can shard them with everything else)."""
 
 
 @dataclass
@@ -334,6 +338,7 @@ def validate(cfg: RunConfig, where: str = "<config>") -> None:
     """Checks that need more than one field, or a value from a fixed set."""
     _one_of(where, "sharing", cfg.sharing, SHARING_MODES)
     _one_of(where, "model.dtype", cfg.model.dtype, DTYPES)
+    _one_of(where, "model.quantization", cfg.model.quantization, QUANTIZATION)
     _one_of(where, "sampling.strategy", cfg.sampling.strategy, SAMPLING_STRATEGIES)
     _one_of(where, "lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
     _one_of(where, "truncation", cfg.truncation, TRUNCATION)

@@ -79,10 +79,13 @@ def load_model(cfg: ModelConfig, path: str):
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a model config from model.path={path!r}: {e}") from None
+    extra = {}
+    if cfg.quantization != "none":
+        extra["quantization_config"] = quantization_config(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, config=hf_config, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code)
+            trust_remote_code=cfg.trust_remote_code, **extra)
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
             raise UserError(f"model.path={path!r} is a {type(hf_config).__name__}, not a causal language "
@@ -93,6 +96,26 @@ def load_model(cfg: ModelConfig, path: str):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: give checkpointed blocks a grad path
     return model
+
+
+def quantization_config(cfg: ModelConfig):
+    """bitsandbytes 4-bit config for QLoRA, with the rules that keep it shardable checked up front.
+
+    The 4-bit weights are packed into tensors of ``bnb_4bit_quant_storage``; ZeRO-3 flattens and
+    shards parameters of one dtype, so storage = compute dtype = the model dtype. transformers loads
+    quantized weights without zero.Init (each rank briefly holds the whole 4-bit model) and
+    ``deepspeed.initialize`` then partitions them.
+    """
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(f"model.quantization={cfg.quantization} needs bitsandbytes: pip install -e .[qlora]") from None
+    if cfg.dtype == "fp16" and not torch.cuda.is_available():
+        raise UserError("model.quantization with model.dtype=fp16 needs a GPU; on CPU use fp32 (or bf16)")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
+                              bnb_4bit_compute_dtype=DTYPES[cfg.dtype], bnb_4bit_quant_storage=DTYPES[cfg.dtype],
+                              bnb_4bit_use_double_quant=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,6 +135,10 @@ def setup(cfg: RunConfig) -> Run:
     model = adapters.attach_adapters(model, cfg.lora, names, cfg.seed,
                                      task_r=cfg.hybrid.task_r if cfg.sharing == "hybrid" else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.model.quantization != "none" and rank == 0:
+        n4 = sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit"
+                 for m in model.modules())
+        log.info("base quantized: %d Linear4bit layers (%s, storage %s)", n4, cfg.model.quantization, cfg.model.dtype)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=trainable, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))

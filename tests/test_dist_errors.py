@@ -44,7 +44,21 @@ def _unknown_format(tmp_path):
             "format (task 'copy')='xml' is not allowed; choose one of: prompt_completion, alpaca, chat")
 
 
-@pytest.mark.parametrize("make", [_bad_jsonl, _missing_column, _empty_task, _missing_model, _unknown_format],
+def _not_causal_lm(tmp_path):
+    import shutil
+
+    from transformers import ViTConfig
+
+    from mtl_scale.model import ensure_tiny_model
+    d = tmp_path / "vit"
+    shutil.copytree(ensure_tiny_model(), d)
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(d)
+    return (_config(tmp_path, "{name: copy, source: 'builtin:copy'}", f"model: {{path: '{d}'}}\n"),
+            "is a ViTConfig, not a causal language model")
+
+
+@pytest.mark.parametrize("make", [_bad_jsonl, _missing_column, _empty_task, _missing_model, _unknown_format,
+                                  _not_causal_lm],
                          ids=lambda f: f.__name__.strip("_"))
 def test_bad_input_fails_cleanly_on_every_rank(make, tmp_path, tiny_model_dir):
     config, message = make(tmp_path)
