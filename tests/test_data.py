@@ -98,6 +98,13 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
         load_rows(_task(f))
 
 
+def test_malformed_json_names_file_and_line(tmp_path):
+    f = tmp_path / "data.json"
+    f.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "a" "completion": "c"}\n]\n')
+    with pytest.raises(UserError, match=rf"task 't': {f}:3: malformed JSON \(Expecting ',' delimiter"):
+        load_rows(_task(f))
+
+
 def test_missing_column_lists_present_ones(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")

@@ -57,6 +57,8 @@ def _load_dataset_rows(task: TaskConfig) -> tuple[list[dict], str]:
                             f"use one of {', '.join(LOCAL_LOADERS)}")
         if suffix == ".jsonl":
             _check_jsonl(path, task.name)  # datasets' own errors do not say which line is broken
+        elif suffix == ".json":
+            _check_json(path, task.name)
         try:
             ds = datasets.load_dataset(LOCAL_LOADERS[suffix], data_files=str(path), split="train")
         except Exception as e:  # noqa: BLE001 -- pyarrow/datasets raise many types for unreadable files
@@ -86,6 +88,15 @@ def _check_jsonl(path: Path, task: str) -> None:
                                     f"got {type(obj).__name__}")
         except UnicodeDecodeError as e:
             raise UserError(f"task {task!r}: {path}: not UTF-8 text ({e})") from None
+
+
+def _check_json(path: Path, task: str) -> None:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"task {task!r}: {path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"task {task!r}: {path}: not UTF-8 text ({e})") from None
 
 
 def _map_columns(rows: list[dict], task: TaskConfig, where: str) -> list[dict]:

@@ -1,9 +1,10 @@
 """Test driver: the real trainer with faults injected on one rank.
 
 Env: FAULT_RANK (which rank), FAULT_NAN_STEPS (comma list of 0-based steps whose loss is NaN there),
-FAULT_DIE_STEP (the rank exits abruptly at the start of that step).
+FAULT_DIE_STEP (the rank SIGKILLs itself at the start of that step).
 """
 import os
+import signal
 import sys
 
 import torch
@@ -24,7 +25,7 @@ real_step, real_loss = mtl_scale.trainer.optimizer_step, mtl_scale.engine.token_
 def step_with_faults(*args, step=0, **kwargs):
     current["step"] = step
     if step == DIE_STEP and int(os.environ["RANK"]) == RANK:
-        os._exit(3)  # a crash: no cleanup, no goodbye to the process group
+        os.kill(os.getpid(), signal.SIGKILL)  # a hard kill: no cleanup, no goodbye to the process group
     return real_step(*args, step=step, **kwargs)
 
 
