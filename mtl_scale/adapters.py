@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -70,9 +71,17 @@ def activate(model, names: str | list[str]) -> None:
 
 
 def lora_parameters(model, name: str | None = None) -> dict[str, torch.nn.Parameter]:
-    """The LoRA parameters of adapter ``name`` (all adapters when None), by full parameter name."""
-    return {n: p for n, p in model.named_parameters()
-            if "lora_" in n and (name is None or f".{name}." in n)}
+    """The LoRA parameters of adapter ``name`` (all adapters when None), by full parameter name.
+
+    Matched on the ``lora_A.<name>.`` segment, so a task called ``mlp`` or ``0`` selects only its own.
+    """
+    pattern = re.compile(rf"\.lora_[AB]\.{re.escape(name)}\." if name is not None else r"\.lora_[AB]\.")
+    return {n: p for n, p in model.named_parameters() if pattern.search(n)}
+
+
+def rename_adapter_key(key: str, old: str, new: str) -> str:
+    """The same LoRA parameter of another adapter."""
+    return re.sub(rf"\.lora_([AB])\.{re.escape(old)}\.", rf".lora_\1.{new}.", key)
 
 
 def gathered_adapter_state(model, name: str) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ functions of (seed, step), so restoring the step restores them.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -27,16 +28,22 @@ log = logging.getLogger(__name__)
 
 # Keys that may differ between the run that wrote a checkpoint and the one resuming from it.
 RESUMABLE_CHANGES = ("max_steps", "output_dir", "resume", "checkpoint", "eval", "log_every", "dist_timeout_s",
-                     "max_consecutive_skips")
+                     "max_consecutive_skips")  # README "Production" lists these
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (``step_N.partial`` never counts, marker or not)."""
+    done = [p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and (p / "COMPLETE").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
 def latest_complete(output_dir: str | Path) -> Path | None:
-    done = [p for p in checkpoint_dir(output_dir).glob("step_*") if (p / "COMPLETE").is_file()]
-    return max(done, key=lambda p: int(p.name.split("_")[1])) if done else None
+    done = complete_checkpoints(checkpoint_dir(output_dir))
+    return done[-1] if done else None
 
 
 def save(engine, rank: int, step: int, cfg: RunConfig, rank_state: dict) -> Path:
@@ -58,8 +65,7 @@ def save(engine, rank: int, step: int, cfg: RunConfig, rank_state: dict) -> Path
         (partial / "COMPLETE").write_text(f"step {step}\n")
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
-        for old in sorted((p for p in root.glob("step_*") if (p / "COMPLETE").is_file()),
-                          key=lambda p: int(p.name.split("_")[1]))[:-cfg.checkpoint.keep_last]:
+        for old in complete_checkpoints(root)[:-cfg.checkpoint.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint: %s", final)
     dist.barrier()

@@ -11,7 +11,7 @@ from mtl_scale.errors import UserError
 
 
 def run_entry(main: Callable[[], object]) -> None:
-    rank = os.environ.get("RANK", "0")
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # DeepSpeed calls torch.distributed APIs that torch deprecates; the warning is not ours to fix.

@@ -81,7 +81,7 @@ class TaskConfig:
     columns: dict[str, str] = field(default_factory=dict)
     """Maps this format's field names to the dataset's column names, e.g. {prompt: question}."""
     split: str = "train"
-    """Split to read from a hub dataset or a local file."""
+    """Split to read from a hub dataset (a local file is read whole)."""
     subset: str | None = None
     """Hub dataset configuration name, if it has several."""
     num_examples: int | None = None
@@ -351,9 +351,8 @@ def validate(cfg: RunConfig, where: str = "<config>") -> None:
         raise ConfigError(f"{where}: soft.coupling couples per-task adapters; it needs sharing=soft")
     for key in ("max_steps", "micro_batch_size", "max_seq_len", "lora.r", "sampling.tasks_per_step",
                 "sampling.micro_batches_per_task", "log_every", "eval.batch_size", "dist_timeout_s",
-                "max_consecutive_skips", "checkpoint.keep_last"):
-        _positive(where, key, _get(cfg, key))
-    for key in ("lr", "lora.alpha", "sampling.temperature", "hybrid.task_r"):
+                "max_consecutive_skips", "checkpoint.keep_last", "lr", "lora.alpha", "sampling.temperature",
+                "hybrid.task_r"):
         _positive(where, key, _get(cfg, key))
     for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval.max_new_tokens", "eval.every_steps",
                 "eval.max_examples", "soft.coupling", "checkpoint.every_steps"):

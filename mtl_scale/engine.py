@@ -118,6 +118,8 @@ def apply_surgery(surgery: Surgery, tasks: list[str], cumulative_shards: list[to
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(gram)
     orders = surgery_math.random_orders(len(tasks), torch.Generator().manual_seed(surgery.seed * 1_000_003 + step))
+    if not torch.isfinite(gram).all():  # a non-finite gradient somewhere: DeepSpeed will skip this step
+        return SurgeryStats(tasks, gram.float().cpu(), torch.ones(len(tasks)), 0)
     weights = surgery_math.task_weights(surgery.method, gram, orders)
     if surgery.method != "sum":  # sum = telemetry only: the accumulated gradient is already Σ_k g_k
         write_local_grads(surgery.params, weights.to(shards.dtype) @ shards)
@@ -167,3 +169,6 @@ def clear_stale_grad_partitions(engine) -> None:
     buffer = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
     if buffer is not None:
         buffer.zero_()
+    elif type(engine.optimizer).__name__ == "DeepSpeedZeroOptimizer_Stage3":
+        raise RuntimeError("this DeepSpeed version's ZeRO-3 optimizer has no grad_partitions_flat_buffer: mtl_scale "
+                           "cannot clear stale gradient partitions (see engine.py); use DeepSpeed 0.17-0.19")

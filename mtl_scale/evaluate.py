@@ -7,7 +7,6 @@ spread a large base over its GPUs.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -18,9 +17,6 @@ from mtl_scale.data.formatting import Encoded, collate, token_loss_sum
 from mtl_scale.data.prepare import prepare_tasks
 from mtl_scale.errors import UserError
 from mtl_scale.model import DTYPES, resolve_model_path, load_tokenizer
-
-log = logging.getLogger(__name__)
-
 
 @torch.no_grad()
 def loss_sums(model, data: Encoded, pad_id: int, batch_size: int, device=None) -> tuple[float, int]:

@@ -15,7 +15,7 @@ scale chosen so that this equals the objective of the mode:
 - ``manual``: L = sum_t w_t * S_t / T_t with w normalised over the step's tasks.
   scale[t] = world * gas * w_t / (sum_{t' in step} w_t' * T_t).
 
-T and T_t need one all-reduce of K+1 token counts per step, made before the first backward (all of
+T and T_t need one all-reduce of K token counts per step, made before the first backward (all of
 a step's micro-batches are assembled up front). Tested against a direct computation of L in
 tests/test_loss_weighting.py and end to end in tests/test_equivalence.py.
 """

@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from mtl_scale.adapters import write_adapter_dir
+from mtl_scale.adapters import adapter_names, write_adapter_dir
 from mtl_scale.config import load_config
 from mtl_scale.data.prepare import prepare_tasks
 from mtl_scale.errors import UserError
@@ -107,13 +108,13 @@ def save_adapter_dir(model, name: str, out: Path, base_path: str) -> Path:
 
 
 def save_full_model(base_path: str, adapter_dir: Path, out: Path, dtype: str = "fp32",
-                    max_shard_size: str = "5GB") -> Path:
+                    max_shard_size: str = "5GB", trust_remote_code: bool = False) -> Path:
     """Fold an adapter into the base weights (``merge_and_unload``) and save a plain transformers
     checkpoint (sharded safetensors + tokenizer) that needs neither PEFT nor mtl_scale to load."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_base(base_path, dtype), str(adapter_dir)).merge_and_unload()
-    tokenizer = load_tokenizer(base_path)
+    model = PeftModel.from_pretrained(load_base(base_path, dtype, trust_remote_code), str(adapter_dir)).merge_and_unload()
+    tokenizer = load_tokenizer(base_path, trust_remote_code)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
@@ -147,17 +148,15 @@ def merge_run(run_dir: str | Path, methods: list[str], weights: list[float] | No
         raise UserError(f"{run} is a hybrid run: merging its adapters is not supported yet. Serve a task as its "
                         "shared + task adapters together (PEFT: base_model.set_adapter(['shared', task])), or fold "
                         "them into one adapter with PEFT's add_weighted_adapter(..., combination_type='cat')")
-    if eval_examples is not None:
-        for t in cfg.tasks:
-            t.eval_size = min(t.eval_size, eval_examples) if t.eval_size else 0
     out = Path(out_dir or run / "merged")
     out.mkdir(parents=True, exist_ok=True)
     adapters_root = run / "adapters"
-    names = sorted(p.name for p in adapters_root.iterdir() if (p / "adapter_config.json").is_file()) \
-        if adapters_root.is_dir() else []
-    if not names:
-        raise UserError(f"no adapters under {adapters_root}")
     task_names = [t.name for t in cfg.tasks]
+    # Only this run's adapters: a directory shared with an earlier run may hold others.
+    names = [n for n in adapter_names(cfg.sharing, task_names) if (adapters_root / n / "adapter_config.json").is_file()]
+    if not names:
+        raise UserError(f"no adapters of this run ({', '.join(adapter_names(cfg.sharing, task_names))}) under "
+                        f"{adapters_root}")
     task_adapters = [t for t in task_names if t in names]
     methods = list(METHODS) if methods in (["auto"], ["all"]) else methods
     unknown = sorted(set(methods) - set(METHODS))
@@ -171,6 +170,11 @@ def merge_run(run_dir: str | Path, methods: list[str], weights: list[float] | No
     base_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
     tasks = prepare_tasks(cfg, tokenizer)
+    if eval_examples is not None:  # the first N held-out examples (the split itself must not change)
+        for task in tasks.values():
+            h = task.held_out
+            task.held_out = replace(h, input_ids=h.input_ids[:eval_examples], labels=h.labels[:eval_examples],
+                                    prompt_lens=h.prompt_lens[:eval_examples], references=h.references[:eval_examples])
     model = PeftModel.from_pretrained(load_base(base_path, cfg.model.dtype, cfg.model.trust_remote_code),
                                       str(adapters_root / names[0]), adapter_name=names[0])
     for name in names[1:]:
@@ -184,9 +188,13 @@ def merge_run(run_dir: str | Path, methods: list[str], weights: list[float] | No
         report["base"] = evaluate_model(model, tokenizer, tasks, cfg.eval)
     for task in task_names:
         own = task if task in names else "shared" if "shared" in names else None
+        result = {}
         if own is not None:
             model.set_adapter(own)
-            report["own"][task] = {"adapter": own, **evaluate_model(model, tokenizer, tasks, cfg.eval, only=[task])[task]}
+            result = evaluate_model(model, tokenizer, tasks, cfg.eval, only=[task])
+        if task in result:  # tasks without held-out examples cannot be scored
+            report["own"][task] = {"adapter": own, **result[task]}
+    scored = [t for t in task_adapters if t in report["own"]]
 
     if len(task_adapters) >= 2:
         for method in methods:
@@ -200,20 +208,20 @@ def merge_run(run_dir: str | Path, methods: list[str], weights: list[float] | No
             model.set_adapter(merged_name)
             report["merged"][method] = evaluate_model(model, tokenizer, tasks, cfg.eval)
             report["retention"][method] = {t: retention(report["merged"][method][t], report["own"][t])
-                                           for t in task_adapters}
+                                           for t in scored}
             save_adapter_dir(model, merged_name, out / "adapters" / method, base_path)
 
     scores = {m: _mean([v for v in r.values() if v is not None]) for m, r in report["retention"].items()}
     if scores:
-        best = max(scores, key=lambda m: (scores[m], -_mean([report["merged"][m][t]["loss"] for t in task_adapters])))
+        best = max(scores, key=lambda m: (scores[m], -_mean([report["merged"][m][t]["loss"] for t in scored])))
         report["best"] = {"method": best, "mean_retention": scores[best],
-                          "why": f"highest mean exact-match retention over {len(task_adapters)} tasks "
+                          "why": f"highest mean exact-match retention over {len(scored)} tasks "
                                  f"({', '.join(f'{m} {s:.2f}' for m, s in sorted(scores.items(), key=lambda x: -x[1]))})"}
 
     full = _full_model_source(full_model, report, names, out, adapters_root)
     if full is not None:
         target = out / "full_model"
-        save_full_model(base_path, full, target, cfg.model.dtype, max_shard_size)
+        save_full_model(base_path, full, target, cfg.model.dtype, max_shard_size, cfg.model.trust_remote_code)
         report["full_model"] = {"path": str(target), "from_adapter": str(full)}
     _write_report(report, out)
     return report
@@ -243,7 +251,7 @@ def retention_table(report: dict) -> str:
     head = "| task | base EM | own adapter EM | " + " | ".join(f"{m} EM (retention)" for m in methods) + " |"
     lines = [head, "|---|---:|---:|" + "---:|" * len(methods)]
     for t in report["tasks"]:
-        if t not in report["own"]:
+        if t not in report["own"] or not all(t in report["merged"][m] for m in methods):
             continue
         cells = []
         for m in methods:

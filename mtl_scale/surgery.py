@@ -50,7 +50,7 @@ def pcgrad_coefficients(gram: torch.Tensor, orders: Orders) -> torch.Tensor:
 
 def pcgrad_weights(gram: torch.Tensor, orders: Orders) -> torch.Tensor:
     """Task weights w with Σ_k w_k g_k = Σ_i g_i' (PCGrad's projected gradients, *summed* as in the
-    paper's official implementation; use ``surgery.reduction=mean`` in the config to divide by K).
+    paper's official implementation; ``surgery.method: mean`` is plain averaging, without projections).
 
     ``gram``: K×K dot products of the task gradients. ``orders[i]``: the task indices that task i is
     projected against, in order (PCGrad draws a random permutation of the other tasks).

@@ -164,8 +164,8 @@ def _surgery_and_coupling(cfg: RunConfig, model, names: list[str], stage: int):
         surgery = Surgery(cfg.surgery.method, shared, cfg.seed)
     if cfg.soft.coupling:
         per_adapter = [adapters.lora_parameters(model, name) for name in names]
-        keys = [k.replace(f".{names[0]}.", ".{}.") for k in per_adapter[0]]
-        groups = [[per_adapter[i][k.format(name)] for i, name in enumerate(names)] for k in keys]
+        groups = [[per_adapter[i][adapters.rename_adapter_key(key, names[0], name)] for i, name in enumerate(names)]
+                  for key in per_adapter[0]]
         coupling = Coupling(cfg.soft.coupling, groups)
     return surgery, coupling
 
@@ -320,9 +320,19 @@ def _any_rank(run: Run, flag: bool) -> bool:
     return bool(t.item())
 
 
+def _step_of(line: str) -> float:
+    """A metrics line's step; a line cut short by a kill counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError):
+        return float("inf")
+
+
 def save_checkpoint(run: Run) -> Path:
     state = {"step": run.step, "sampler": run.sampler.state_dict(), "micro_batches_seen": run.micro_batches_seen,
              "consecutive_skips": run.consecutive_skips, "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():  # dropout on GPU draws from the CUDA generator
+        state["cuda_rng"] = torch.cuda.get_rng_state()
     return checkpoint.save(run.engine, run.rank, run.step, run.cfg, state)
 
 
@@ -333,11 +343,13 @@ def restore(run: Run, ckpt: Path) -> None:
     run.micro_batches_seen = state["micro_batches_seen"]
     run.consecutive_skips = state["consecutive_skips"]
     torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
     if run.is_writer:  # drop metrics a killed run wrote after this checkpoint
         path = Path(run.cfg.output_dir) / "metrics.jsonl"
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= run.step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= run.step]
+            _write_atomic(path, "".join(line + "\n" for line in kept))
     log.info("resumed from %s at step %d", ckpt, run.step)
 
 
@@ -347,15 +359,21 @@ def save_adapters(run: Run) -> Path:
     for name in run.adapter_names:
         adapters.save_adapter(run.model, name, out / "adapters" / name, run.model_path, run.is_writer)
     if run.is_writer:
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
+        _write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
         summary = {
             "steps": run.step, "world_size": run.world, "adapters": run.adapter_names,
             "final": run.history[-1] if run.history else {},
             "data": {t: {"train": len(d.train), "held_out": len(d.held_out), "truncated": d.train.truncated,
                          "dropped": d.train.dropped} for t, d in run.tasks.items()},
         }
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        _write_atomic(out / "train_summary.json", json.dumps(summary, indent=2))
     return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
 
 
 def finish(run: Run) -> None:

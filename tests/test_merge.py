@@ -68,6 +68,18 @@ def test_every_method_runs_and_report_has_retention(fake_run, tmp_path):
     assert json.loads((tmp_path / "merge_report.json").read_text())["best"] == report["best"]
 
 
+def test_eval_subset_and_only_this_runs_adapters(fake_run, tiny_model_dir, tmp_path):
+    import shutil
+    stale = fake_run / "adapters" / "shared"  # left by an earlier hard-sharing run in the same output_dir
+    shutil.copytree(fake_run / "adapters" / "copy", stale)
+    try:
+        report = merge_run(fake_run, ["linear"], full_model=None, eval_examples=3, out_dir=tmp_path)
+    finally:
+        shutil.rmtree(stale)
+    assert "shared" not in report["serving"] and report["own"]["copy"]["adapter"] == "copy"
+    assert report["own"]["copy"]["n"] == 3 and report["merged"]["linear"]["reverse"]["n"] == 3
+
+
 def test_identity_merge_reproduces_the_adapter(tiny_model_dir, tiny_tokenizer):
     model = _peft_with_adapters(tiny_model_dir, {"copy": 8, "reverse": 8})
     model.set_adapter("copy")

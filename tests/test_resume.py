@@ -56,6 +56,8 @@ def test_incomplete_checkpoints_are_never_picked(tmp_path):
     (root / "step_00000004" / "COMPLETE").write_text("step 4\n")
     (root / "step_00000008.partial").mkdir()             # killed while writing
     (root / "step_00000012").mkdir()                     # no COMPLETE marker
+    (root / "step_00000016.partial").mkdir()             # killed between the marker and the rename
+    (root / "step_00000016.partial" / "COMPLETE").write_text("step 16\n")
     assert checkpoint.latest_complete(tmp_path) == root / "step_00000004"
     assert checkpoint.latest_complete(tmp_path / "elsewhere") is None
 

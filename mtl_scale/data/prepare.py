@@ -28,9 +28,10 @@ def prepare_tasks(cfg: RunConfig, tokenizer) -> dict[str, TaskData]:
         train = encode(train_rows, task.format, tokenizer, cfg.max_seq_len, cfg.truncation)
         held_out = encode(held_rows, task.format, tokenizer, cfg.max_seq_len, cfg.truncation)
         if len(train) == 0:
+            hint = "raise max_seq_len" + (" or use truncation: truncate" if cfg.truncation == "drop" else
+                                          " (their prompts alone fill it)")
             raise UserError(f"task {task.name!r}: all {len(train_rows)} training examples are longer than "
-                            f"max_seq_len={cfg.max_seq_len} (truncation={cfg.truncation}); raise max_seq_len "
-                            "or use truncation: truncate")
+                            f"max_seq_len={cfg.max_seq_len} (truncation={cfg.truncation}); {hint}")
         if train.truncated or train.dropped:
             log.warning("task %s: %d examples truncated, %d dropped (longer than max_seq_len=%d)",
                         task.name, train.truncated, train.dropped, cfg.max_seq_len)
