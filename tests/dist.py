@@ -49,6 +49,30 @@ def launch(script: str, args: list[str], nprocs: int = 2, timeout: float = 600, 
     return res
 
 
+def start_srun_style(args: list[str], nprocs: int = 2) -> list[subprocess.Popen]:
+    """``python launch/train.py args`` once per rank with the variables srun sets (no launcher)."""
+    port = free_port()
+    procs = []
+    for rank in range(nprocs):
+        env = {**os.environ, "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(nprocs), "SLURM_LOCALID": str(rank),
+               "SLURM_NTASKS_PER_NODE": str(nprocs), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "PYTHONUNBUFFERED": "1"}
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            env.pop(k, None)
+        procs.append(subprocess.Popen([sys.executable, "launch/train.py", *args], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    return procs
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def launch_two_nodes(script: str, args: list[str], timeout: float = 600,
                      env: dict | None = None) -> list[subprocess.CompletedProcess]:
     """Two simulated nodes of one rank each, started the way the multi-node runner starts each host."""
@@ -69,11 +93,7 @@ def launch_two_nodes(script: str, args: list[str], timeout: float = 600,
     except subprocess.TimeoutExpired:
         raise AssertionError(f"two-node launch timed out after {timeout}s")
     finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(procs)
     for r in results:
         if r.returncode != 0:
             raise AssertionError(f"exit {r.returncode}: {' '.join(r.args)}\n{r.stdout[-20000:]}")

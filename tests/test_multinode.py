@@ -1,14 +1,10 @@
 """Multi-node launch paths on one machine: two simulated nodes (the per-host launcher the multi-node
 runner starts) and srun-style SLURM variables give the same per-step losses as 2 local ranks."""
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
-from dist import ROOT, free_port, launch, launch_two_nodes
+from dist import kill_all, launch, launch_two_nodes, start_srun_style
 
 pytestmark = pytest.mark.dist
 
@@ -22,24 +18,11 @@ def _losses(out):
 
 
 def _srun_style(out, timeout=300):
-    port = free_port()
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
-               "SLURM_NTASKS_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-            env.pop(k, None)
-        procs.append(subprocess.Popen([sys.executable, "launch/train.py", "--config", "configs/demo.yaml", *ARGS,
-                                       f"output_dir={out}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    procs = start_srun_style(["--config", "configs/demo.yaml", *ARGS, f"output_dir={out}"])
     try:
         outs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(procs)
     for p, o in zip(procs, outs):
         assert p.returncode == 0, o[-5000:]
 

@@ -1,10 +1,7 @@
 """Checkpoints and exact resume: a run killed mid-way and resumed ends with the same adapters as an
 uninterrupted run; incomplete checkpoints are never picked; SIGTERM checkpoints and exits 0."""
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -12,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dist import ROOT, free_port, launch
+from dist import ROOT, kill_all, launch, start_srun_style
 from mtl_scale import checkpoint
 from mtl_scale.config import load_config, to_dict
 from mtl_scale.errors import UserError
@@ -81,16 +78,7 @@ def test_resume_from_a_different_config_is_refused(tmp_path):
 def test_sigterm_checkpoints_and_exits_zero(tmp_path, tiny_model_dir):
     """Pre-emption as SLURM does it: SIGTERM to every task (here: srun-style processes)."""
     out = tmp_path / "run"
-    port = free_port()
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
-               "SLURM_NTASKS_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-            env.pop(k, None)
-        procs.append(subprocess.Popen([sys.executable, "launch/train.py", "--config", *ARGS, "max_steps=500",
-                                       f"output_dir={out}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    procs = start_srun_style(["--config", *ARGS, "max_steps=500", f"output_dir={out}"])
     try:
         deadline = time.time() + 180
         while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
@@ -100,11 +88,7 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path, tiny_model_dir):
             p.send_signal(signal.SIGTERM)
         outs = [p.communicate(timeout=180)[0] for p in procs]
     finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(procs)
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     ckpt = checkpoint.latest_complete(out)
     assert ckpt is not None and 3 <= int(ckpt.name.split("_")[1]) < 500
