@@ -61,13 +61,17 @@ def _targets(modules: list[str]):
     return "all-linear" if modules == ["all-linear"] else list(modules)
 
 
-def activate(model, names: str | list[str]) -> None:
-    """Make every LoRA layer apply ``names``, without touching ``requires_grad``."""
+def tuner_layers(model) -> list:
+    """The LoRA layers of ``model`` (collect once when switching per micro-batch)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def activate(model, names: str | list[str], layers: list | None = None) -> None:
+    """Make every LoRA layer apply ``names``, without touching ``requires_grad``."""
     names = [names] if isinstance(names, str) else list(names)
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module._active_adapter = names
+    for layer in layers if layers is not None else tuner_layers(model):
+        layer._active_adapter = names
 
 
 def lora_parameters(model, name: str | None = None) -> dict[str, torch.nn.Parameter]:

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from mtl_scale import surgery as surgery_math
-from mtl_scale.data.formatting import token_loss_sum
+from mtl_scale.data.formatting import completion_tokens, token_loss_sum
 
 # A step's work: (task, [micro-batch, ...]) groups, each micro-batch a dict of tensors.
 StepGroups = list[tuple[str, list[dict[str, torch.Tensor]]]]
@@ -88,7 +88,7 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], 
     for task, micro_batches in groups:
         activate(task)  # which adapter the LoRA layers apply; trainable parameters never change
         for batch in micro_batches:
-            stats.loss_tokens[task] = stats.loss_tokens.get(task, 0) + int((batch["labels"][:, 1:] != -100).sum())
+            stats.loss_tokens[task] = stats.loss_tokens.get(task, 0) + completion_tokens(batch)
             stats.tokens += int(batch["attention_mask"].sum())
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -22,7 +22,7 @@ import yaml
 
 from mtl_scale import adapters, checkpoint
 from mtl_scale.config import RunConfig, to_dict
-from mtl_scale.data.formatting import collate
+from mtl_scale.data.formatting import collate, completion_tokens
 from mtl_scale.data.prepare import TaskData, prepare_tasks
 from mtl_scale.ds_config import build_ds_config, gradient_accumulation_steps, zero_stage
 from mtl_scale.engine import Coupling, StepStats, Surgery, optimizer_step
@@ -174,14 +174,8 @@ def _activator(run: Run):
     """Task -> make the LoRA layers apply its adapters. Hard sharing: always the same, nothing to do."""
     if run.cfg.sharing == "hard":
         return lambda task: None
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    layers = [m for m in run.model.modules() if isinstance(m, BaseTunerLayer)]
-
-    def activate(task: str) -> None:
-        names = adapters.adapters_for_task(run.cfg.sharing, task)
-        for layer in layers:
-            layer._active_adapter = names
-    return activate
+    layers = adapters.tuner_layers(run.model)
+    return lambda task: adapters.activate(run.model, adapters.adapters_for_task(run.cfg.sharing, task), layers)
 
 
 def next_step_groups(run: Run, step: int):
@@ -204,7 +198,7 @@ def step_loss_scales(run: Run, groups) -> dict[str, float]:
     names = list(run.tasks)
     local = {t: 0 for t in names}
     for task, micro_batches in groups:
-        local[task] += sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
+        local[task] += sum(completion_tokens(mb) for mb in micro_batches)
     counts = torch.tensor([float(local[t]) for t in names], dtype=torch.float64, device=run.engine.device)
     torch.distributed.all_reduce(counts)
     in_step = {t: int(c) for t, c in zip(names, counts.tolist()) if t in dict(groups)}

@@ -106,6 +106,11 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def completion_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Positions whose next token is a completion label (what ``token_loss_sum`` counts)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL over labelled positions and their count.
 
