@@ -79,6 +79,8 @@ def load_model(cfg: ModelConfig, path: str):
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a model config from model.path={path!r}: {e}") from None
+    if cfg.attn_implementation == "flash_attention_2":
+        _check_flash_attention(cfg)
     extra = {}
     if cfg.quantization != "none":
         extra["quantization_config"] = quantization_config(cfg)
@@ -96,6 +98,17 @@ def load_model(cfg: ModelConfig, path: str):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: give checkpointed blocks a grad path
     return model
+
+
+def _check_flash_attention(cfg: ModelConfig) -> None:
+    """Fail before the process group and the model exist, with what to do instead."""
+    import importlib.util
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError("model.attn_implementation=flash_attention_2 needs the flash-attn package on a CUDA GPU "
+                        "(pip install flash-attn --no-build-isolation); or use sdpa, which runs PyTorch's own "
+                        "flash kernels on GPUs")
+    if cfg.dtype == "fp32":
+        raise UserError("model.attn_implementation=flash_attention_2 computes in bf16 or fp16; set model.dtype=bf16")
 
 
 def quantization_config(cfg: ModelConfig):

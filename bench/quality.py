@@ -1,0 +1,271 @@
+"""The multi-task quality suite: every training variant on a suite built to show imbalance and conflict,
+over several seeds, scored by per-task exact match on held-out examples.
+
+    python bench/quality.py                                  # all variants, seeds 0 1 2
+    python bench/quality.py --variants soft soft-merged --seeds 0
+    python bench/quality.py --table-only                     # rebuild the tables from finished runs
+
+Each (variant, seed) is a real run of the product, ``deepspeed --num_gpus 2 launch/train.py --config
+bench/configs/quality.yaml seed=S <the variant's overrides>``, under runs/quality/<variant>/seed<S>/;
+its exact match is the trainer's end-of-run evaluation (every held-out example of every task, with
+the adapter that task is served with). ``soft-merged`` merges each seed's soft adapters with
+mtl_scale.merge (all methods; the one with the best mean retention is reported, as ``launch/merge.py``
+would pick it). Finished runs are reused, so an interrupted suite continues where it stopped.
+
+Writes <out>/results.json (every run, the aggregates, gradient-cosine telemetry) and <out>/results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_CONFIG = ROOT / "bench" / "configs" / "quality.yaml"
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+# variant -> overrides of the base config. The shared adapter's runs log task-gradient cosines
+# (surgery.telemetry) so that every hard run can be analysed, not only the PCGrad ones.
+VARIANTS = {
+    "hard-sum-prop": ["sharing=hard", "surgery.method=sum", "surgery.telemetry=true",
+                      "sampling.strategy=proportional"],
+    "hard-sum-temp": ["sharing=hard", "surgery.method=sum", "surgery.telemetry=true",
+                      "sampling.strategy=temperature"],
+    "hard-pcgrad-temp": ["sharing=hard", "surgery.method=pcgrad", "sampling.strategy=temperature"],
+    "soft": ["sharing=soft", "sampling.strategy=temperature"],
+    "hybrid-pcgrad": ["sharing=hybrid", "surgery.method=pcgrad", "sampling.strategy=temperature"],
+}
+# "single": one run per task, alone, with one micro-batch per step (tasks_per_step=1) for the same
+# number of steps, so the K single-task runs together cost what one multi-task run costs and each
+# task sees as many examples as uniform sampling would give it. "soft-merged": the soft runs, merged.
+ALL_VARIANTS = ["single", *VARIANTS, "soft-merged"]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(out: Path, overrides: list[str], nprocs: int, timeout: float) -> float:
+    """One training run (reused if it finished before); returns its wall time in seconds."""
+    wall = out / "wall_s.txt"
+    if (out / "train_summary.json").is_file() and wall.is_file():
+        return float(wall.read_text())
+    shutil.rmtree(out, ignore_errors=True)  # a run that died half-way leaves nothing to mix in
+    out.mkdir(parents=True)
+    cmd = [DEEPSPEED, "--num_gpus", str(nprocs), "--master_port", str(free_port()), "launch/train.py",
+           "--config", str(BASE_CONFIG), *overrides, f"output_dir={out}"]
+    print(f"  $ {' '.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    with open(out / "train.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = f"timeout after {timeout:.0f}s"
+        finally:
+            try:  # the launcher's ranks too, whatever happened
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    seconds = time.perf_counter() - t0
+    if code != 0 or not (out / "train_summary.json").is_file():
+        tail = (out / "train.log").read_text()[-6000:]
+        raise RuntimeError(f"run {out} failed ({code}):\n{tail}")
+    wall.write_text(f"{seconds:.1f}\n")
+    return seconds
+
+
+def final_exact_match(out: Path) -> dict[str, float]:
+    final = json.loads((out / "train_summary.json").read_text())["final"]
+    prefix = "eval/exact_match/"
+    return {k[len(prefix):]: v for k, v in final.items() if k.startswith(prefix)}
+
+
+def merge_soft(soft_run: Path, out: Path) -> tuple[dict[str, float], str, float]:
+    """Merge a soft run's adapters (every method), keep the best; per-task exact match, method, seconds."""
+    report_path = out / "merge_report.json"
+    if not report_path.is_file():
+        from mtl_scale.merge import merge_run
+        t0 = time.perf_counter()
+        merge_run(soft_run, ["auto"], full_model=None, out_dir=out)
+        (out / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+    report = json.loads(report_path.read_text())
+    best = report["best"]["method"]
+    em = {t: r["exact_match"] for t, r in report["merged"][best].items()}
+    return em, best, float((out / "wall_s.txt").read_text())
+
+
+def telemetry(out: Path) -> dict:
+    """Per-run gradient-conflict summary from metrics.jsonl: mean cosine and share of steps with a
+    negative cosine per task pair (over the steps holding both tasks), conflict fraction, projections."""
+    pairs: dict[str, list[float]] = {}
+    conflict, projections = [], []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        for k, v in m.items():
+            if k.startswith("grad_cos/"):
+                pairs.setdefault(k[len("grad_cos/"):], []).append(v)
+        if "surgery/conflict_fraction" in m:
+            conflict.append(m["surgery/conflict_fraction"])
+        if "surgery/projections" in m:
+            projections.append(m["surgery/projections"])
+    if not pairs:
+        return {}
+    return {"pairs": {p: {"mean_cos": statistics.fmean(v), "negative_share": sum(c < 0 for c in v) / len(v),
+                          "steps": len(v)} for p, v in pairs.items()},
+            "conflict_fraction": statistics.fmean(conflict) if conflict else None,
+            "projections_per_step": statistics.fmean(projections) if projections else None}
+
+
+def summarize(per_seed: dict[int, dict[str, float]], tasks: list[str]) -> dict:
+    """Across seeds: per-task mean and std of exact match, and of each seed's task mean and worst task.
+    std is the sample standard deviation (0 for one seed)."""
+    def stats(xs):
+        return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+    seeds = sorted(per_seed)
+    out = {"seeds": seeds, "tasks": {t: stats([per_seed[s][t] for s in seeds]) for t in tasks}}
+    out["mean"] = stats([statistics.fmean(per_seed[s][t] for t in tasks) for s in seeds])
+    out["worst"] = stats([min(per_seed[s][t] for t in tasks) for s in seeds])
+    return out
+
+
+def markdown(results: dict) -> str:
+    tasks, sizes = results["tasks"], results["task_sizes"]
+    head = "| variant | " + " | ".join(f"{t} ({sizes[t]})" for t in tasks) + " | mean | worst task | wall time / seed |"
+    lines = [head, "|---|" + "---:|" * (len(tasks) + 3)]
+
+    def cell(s):
+        return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
+    for name, v in results["variants"].items():
+        s = v["summary"]
+        note = f" ({', '.join(sorted(set(v['merge_method'].values())))})" if "merge_method" in v else ""
+        lines.append(f"| {name}{note} | " + " | ".join(cell(s["tasks"][t]) for t in tasks) +
+                     f" | {cell(s['mean'])} | {cell(s['worst'])} | {statistics.fmean(v['wall_s'].values()):.0f} s |")
+    lines += ["", "Exact match (%) on 100 held-out examples per task, mean ± sample std over seeds "
+              f"{', '.join(map(str, results['seeds']))}; *worst task* is each seed's lowest task, averaged."]
+    cos = {n: v["telemetry"] for n, v in results["variants"].items() if v.get("telemetry")}
+    if cos:
+        pairs = sorted({p for t in cos.values() for p in t["pairs"]})
+        lines += ["", "Task-gradient cosines on the shared adapter (mean over the steps holding both tasks, "
+                  "all seeds; in brackets the share of those steps with a negative cosine):", "",
+                  "| variant | " + " | ".join(p.replace("|", " / ") for p in pairs) +  # "|" would split the cell
+                  " | conflicting pairs / step | projections / step |",
+                  "|---|" + "---:|" * (len(pairs) + 2)]
+        for name, t in cos.items():
+            row = [f"{t['pairs'][p]['mean_cos']:+.3f} ({100 * t['pairs'][p]['negative_share']:.0f}%)"
+                   if p in t["pairs"] else "-" for p in pairs]
+            extra = [f"{100 * t['conflict_fraction']:.0f}%" if t["conflict_fraction"] is not None else "-",
+                     f"{t['projections_per_step']:.2f}" if t["projections_per_step"] is not None else "-"]
+            lines.append(f"| {name} | " + " | ".join(row + extra) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def pooled_telemetry(runs: list[dict]) -> dict:
+    """Telemetry of several seeds pooled, each pair's statistics weighted by its step count."""
+    runs = [r for r in runs if r]
+    if not runs:
+        return {}
+    pairs = {}
+    for p in sorted({p for r in runs for p in r["pairs"]}):
+        rs = [r["pairs"][p] for r in runs if p in r["pairs"]]
+        n = sum(r["steps"] for r in rs)
+        pairs[p] = {"mean_cos": sum(r["mean_cos"] * r["steps"] for r in rs) / n,
+                    "negative_share": sum(r["negative_share"] * r["steps"] for r in rs) / n, "steps": n}
+
+    def mean_of(key):
+        xs = [r[key] for r in runs if r[key] is not None]
+        return statistics.fmean(xs) if xs else None
+    return {"pairs": pairs, "conflict_fraction": mean_of("conflict_fraction"),
+            "projections_per_step": mean_of("projections_per_step")}
+
+
+def run_suite(out_root: Path, variants: list[str], seeds: list[int], extra: list[str], nprocs: int,
+              timeout: float, table_only: bool = False) -> dict:
+    from mtl_scale.config import load_config
+    cfg = load_config(BASE_CONFIG, extra)
+    tasks = [t.name for t in cfg.tasks]
+    # a single-task run gets its task as the suite resolved it, and the other overrides
+    not_tasks = [item for item in extra if not item.split("=", 1)[0].split(".")[0] == "tasks"]
+    results = {"tasks": tasks, "task_sizes": {t.name: t.num_examples for t in cfg.tasks}, "seeds": seeds,
+               "extra_overrides": extra, "nprocs": nprocs, "variants": {}}
+    for variant in variants:
+        per_seed, walls, tele, methods = {}, {}, [], {}
+        for seed in seeds:
+            if variant == "single":
+                em, walls[seed] = {}, 0.0
+                for i, task in enumerate(tasks):
+                    one = json.dumps(dataclasses.asdict(cfg.tasks[i]))
+                    run = out_root / f"single-{task}" / f"seed{seed}"
+                    walls[seed] += _train_or_read(run, [f"seed={seed}", *not_tasks, f"tasks=[{one}]",
+                                                        "sharing=hard", "sampling.tasks_per_step=1"],
+                                                  nprocs, timeout, table_only)
+                    em.update(final_exact_match(run))
+            elif variant == "soft-merged":
+                soft = out_root / "soft" / f"seed{seed}"
+                _train_or_read(soft, [f"seed={seed}", *extra, *VARIANTS["soft"]], nprocs, timeout, table_only)
+                em, methods[seed], walls[seed] = merge_soft(soft, out_root / "soft-merged" / f"seed{seed}")
+            else:
+                run = out_root / variant / f"seed{seed}"
+                walls[seed] = _train_or_read(run, [f"seed={seed}", *extra, *VARIANTS[variant]], nprocs, timeout,
+                                             table_only)
+                em = final_exact_match(run)
+                tele.append(telemetry(run))
+            per_seed[seed] = em
+            print(f"{variant} seed {seed}: " + ", ".join(f"{t} {100 * em[t]:.0f}%" for t in tasks) +
+                  f" ({walls[seed]:.0f} s)", flush=True)
+        entry = {"exact_match": per_seed, "wall_s": walls, "summary": summarize(per_seed, tasks),
+                 "telemetry": pooled_telemetry(tele)}
+        if methods:
+            entry["merge_method"] = methods
+        results["variants"][variant] = entry
+    out_root.mkdir(parents=True, exist_ok=True)
+    for name, text in (("results.json", json.dumps(results, indent=2)), ("results.md", markdown(results))):
+        tmp = out_root / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.rename(out_root / name)
+    return results
+
+
+def _train_or_read(run: Path, overrides: list[str], nprocs: int, timeout: float, table_only: bool) -> float:
+    if table_only:
+        if not (run / "wall_s.txt").is_file():
+            raise SystemExit(f"--table-only: {run} has not finished; run the suite without --table-only")
+        return float((run / "wall_s.txt").read_text())
+    return train(run, overrides, nprocs, timeout)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=ALL_VARIANTS, choices=ALL_VARIANTS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/quality")
+    parser.add_argument("--nprocs", type=int, default=2, help="ranks per run (deepspeed --num_gpus)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per training run")
+    parser.add_argument("--table-only", action="store_true", help="only rebuild results from finished runs")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for every run, e.g. max_steps=100 (tasks.<i>.<key> reach single runs too)")
+    args = parser.parse_args()
+    if any(item.startswith("seed=") or item.startswith("output_dir=") for item in args.set):
+        raise SystemExit("--set: seed and output_dir are set by the suite (use --seeds and --out)")
+    t0 = time.perf_counter()
+    results = run_suite(Path(args.out), args.variants, args.seeds, args.set, args.nprocs, args.timeout,
+                        args.table_only)
+    print()
+    print(markdown(results))
+    print(f"written: {args.out}/results.md, {args.out}/results.json ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
