@@ -93,11 +93,25 @@ def load_model(cfg: ModelConfig, path: str):
             raise UserError(f"model.path={path!r} is a {type(hf_config).__name__}, not a causal language "
                             "model (AutoModelForCausalLM cannot load it)") from None
         raise
+    if cfg.quantization != "none":
+        keep_4bit_layout(model)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: give checkpointed blocks a grad path
     return model
+
+
+def keep_4bit_layout(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights in place on CPUs with AVX512-BF16.
+
+    In eval mode without grad, ``Linear4bit.forward`` on such a CPU swaps ``weight.data`` for a
+    CPU-packed layout (a uint8 tensor of another shape). Under ZeRO-3 that weight is a gathered
+    partition: the swap corrupts it, and every later forward (training included) computes garbage.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _check_flash_attention(cfg: ModelConfig) -> None:

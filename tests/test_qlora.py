@@ -7,7 +7,7 @@ import torch
 from dist import launch
 from mtl_scale.config import ModelConfig
 from mtl_scale.errors import UserError
-from mtl_scale.model import quantization_config
+from mtl_scale.model import keep_4bit_layout, quantization_config
 
 ARGS = ["configs/demo.yaml", "model.quantization=nf4", "sharing=hard", "max_steps=4", "micro_batch_size=4",
         "sampling.tasks_per_step=2", "eval.every_steps=0", "eval.max_examples=2"] + \
@@ -25,6 +25,7 @@ def test_qlora_nf4_trains_under_zero3_and_adapter_round_trips(tmp_path, tiny_mod
     probe = torch.load(tmp_path / "probe_logits.pt", weights_only=True)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
                                                 quantization_config=quantization_config(ModelConfig(quantization="nf4")))
+    keep_4bit_layout(base)  # the same kernels as in training: CPU repacking would compute in bf16
     model = PeftModel.from_pretrained(base, tmp_path / "adapters" / "shared").eval()
     with torch.no_grad():
         got = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
@@ -38,3 +39,14 @@ def test_quantization_rules_are_checked_up_front():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="model.quantization with model.dtype=fp16 needs a GPU"):
             quantization_config(ModelConfig(quantization="nf4", dtype="fp16"))
+
+
+def test_loaded_4bit_layers_keep_their_layout_in_eval(tiny_model_dir):
+    from mtl_scale.model import load_model
+    model = load_model(ModelConfig(quantization="nf4"), str(tiny_model_dir)).eval()
+    layer = model.model.layers[0].self_attn.q_proj
+    before = (layer.weight.dtype, layer.weight.shape)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 5, 9]]))
+    # on an AVX512-BF16 CPU bitsandbytes would otherwise have swapped in a uint8 packed weight
+    assert not layer.support_avx512bf16_for_cpu and (layer.weight.dtype, layer.weight.shape) == before
