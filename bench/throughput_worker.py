@@ -1,0 +1,216 @@
+"""One throughput measurement on the ranks the launcher started: mtl_scale's product path (``--stack
+ours``) or the usual Hugging Face stack (``--stack hf``), for ``max_steps`` optimizer steps of which
+the first ``--warmup`` are not timed. Rank 0 prints one ``THROUGHPUT_RESULT {json}`` line.
+Started by bench/throughput.py, which compares the stacks; by hand:
+
+    deepspeed --num_gpus 2 bench/throughput_worker.py --stack hf --warmup 5 max_steps=35 [key=value ...]
+
+Both stacks get the same run config (configs/demo.yaml + overrides), hence the same model, LoRA,
+token ids and DeepSpeed dict (``mtl_scale.ds_config.build_ds_config``). A step is timed from one
+optimizer step's end to the next, so batch assembly and everything else in the loop counts; tokens
+are the non-padding tokens (attention-mask sum) of the micro-batches run in those steps, all ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import RESULT_TAG, flops_per_token, window  # noqa: E402
+
+from mtl_scale import adapters  # noqa: E402
+from mtl_scale.cli import run_entry  # noqa: E402
+from mtl_scale.config import RunConfig, load_config  # noqa: E402
+
+
+class StepClock:
+    """Step-end marks of this rank: (time, tokens so far, sequences so far)."""
+
+    def __init__(self):
+        self.marks: list[tuple[float, int, int]] = []
+        self._masks: list[torch.Tensor] = []
+
+    def count(self, attention_mask: torch.Tensor) -> None:
+        # Summed at the next mark: no host sync per micro-batch on a GPU.
+        self._masks.append(attention_mask.sum(dim=1))
+
+    def mark(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels are done before the clock is read
+        now = time.perf_counter()
+        tokens, sequences = self.marks[-1][1:] if self.marks else (0, 0)
+        for m in self._masks:
+            tokens, sequences = tokens + int(m.sum()), sequences + m.numel()
+        self._masks.clear()
+        self.marks.append((now, tokens, sequences))
+
+
+def describe(model, sharing: str, tasks: list[str]) -> dict:
+    """Parameter counts (ZeRO-3's full sizes, not the local partitions) and what is partitioned."""
+    def numel(p):
+        return getattr(p, "ds_numel", p.numel())
+
+    embedding = model.get_input_embeddings().weight
+    named = list(model.named_parameters())
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    frozen = [(n, p) for n, p in named if not p.requires_grad and hasattr(p, "ds_numel")]
+    # One task's forward runs its own adapters only (soft: 1 of K): that is what costs FLOPs per token.
+    active = adapters.adapters_for_task(sharing, tasks[0]) if sharing != "hf" else None
+    active_params = sum(numel(p) for n, p in trainable
+                        if active is None or any(f".lora_A.{a}." in n or f".lora_B.{a}." in n for a in active))
+    config = model.config
+    return {
+        "trainable_params": sum(numel(p) for _, p in trainable),
+        "only_lora_trainable": all("lora_" in n for n, _ in trainable),
+        "frozen_params": sum(numel(p) for _, p in named if not p.requires_grad and p is not embedding),
+        "active_trainable_params": active_params,
+        "all_params_zero3": all(hasattr(p, "ds_numel") for _, p in named),
+        # ~1/world when ZeRO-3 really shards the frozen base across the ranks
+        "base_local_fraction": sum(p.ds_tensor.numel() for _, p in frozen) / max(1, sum(p.ds_numel for _, p in frozen)),
+        "n_layers": config.num_hidden_layers, "hidden": config.hidden_size,
+    }
+
+
+def accelerate_deepspeed_on_cpu() -> None:
+    """Let the HF stack run DeepSpeed on CPU ranks, as mtl_scale does. accelerate recognises a
+    DeepSpeed launch only on an accelerator (GPU, NPU, ...); without one it finds no backend and runs
+    each rank as a world of one. Tell it the ranks talk over gloo; everything after that (DeepSpeed's
+    init_distributed, the DeepSpeed engine) is accelerate's own code path. Not applied on GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    PartialState._prepare_backend = lambda self, *args, **kwargs: ("gloo", DistributedType.MULTI_CPU)
+
+
+def measure_ours(cfg: RunConfig, clock: StepClock) -> tuple[dict, object]:
+    """The trainer's loop body (mtl_scale.trainer.train_loop) without evaluation, logging and checkpoints."""
+    from mtl_scale.engine import optimizer_step
+    from mtl_scale.trainer import _activator, next_step_groups, reduce_stats, setup, step_loss_scales
+
+    run = setup(cfg)
+    activate = _activator(run)
+    run.engine.train()
+    for step in range(cfg.max_steps):
+        groups = next_step_groups(run, step)
+        for _, micro_batches in groups:
+            for mb in micro_batches:
+                clock.count(mb["attention_mask"])
+        stats = optimizer_step(run.engine, groups, activate, step_loss_scales(run, groups), run.surgery,
+                               run.coupling, step=step)
+        reduce_stats(run, stats)  # the per-step metrics all-reduce every training step does
+        clock.mark()
+    info = describe(run.model, cfg.sharing, list(run.tasks))
+    info.update(zero_stage=run.engine.zero_optimization_stage(), built_under_zero_init=None)
+    return info, run.engine.device
+
+
+def measure_hf(cfg: RunConfig, clock: StepClock) -> tuple[dict, object]:
+    """What people do by hand: one shuffled dataset of every task's examples, ``Trainer`` + PEFT,
+    ``TrainingArguments(deepspeed=...)`` with the very dict mtl_scale would use."""
+    import datasets
+    import peft
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from mtl_scale.data.formatting import collate
+    from mtl_scale.data.prepare import prepare_tasks
+    from mtl_scale.ds_config import build_ds_config, gradient_accumulation_steps
+    from mtl_scale.model import DTYPES, load_tokenizer, resolve_model_path
+
+    if not torch.cuda.is_available():
+        accelerate_deepspeed_on_cpu()
+    model_path = resolve_model_path(cfg.model.path)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    tasks = prepare_tasks(cfg, tokenizer)  # the identical token ids and completion-only labels
+    hidden = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).hidden_size
+    ds_config = build_ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), hidden)
+    # as mtl_scale.model.load_model does it (non-reentrant: frozen embeddings need no input grads)
+    checkpointing = ({"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}
+                     if cfg.model.gradient_checkpointing else {})
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="hf_throughput_"), deepspeed=ds_config,
+        per_device_train_batch_size=cfg.micro_batch_size, gradient_accumulation_steps=gradient_accumulation_steps(cfg),
+        max_steps=cfg.max_steps, learning_rate=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        lr_scheduler_type="cosine", warmup_steps=cfg.warmup_steps, seed=cfg.seed,
+        bf16=cfg.model.dtype == "bf16", fp16=cfg.model.dtype == "fp16",
+        report_to="none", save_strategy="no", eval_strategy="no", logging_steps=cfg.max_steps, disable_tqdm=True,
+        dataloader_num_workers=0, remove_unused_columns=False, label_names=["labels"], **checkpointing)
+    # TrainingArguments holds an HfDeepSpeedConfig now, so from_pretrained builds under zero.Init.
+    if not is_deepspeed_zero3_enabled():
+        raise RuntimeError("TrainingArguments did not enable ZeRO-3: the base would load whole on every rank")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[cfg.model.dtype],
+                                                 attn_implementation=cfg.model.attn_implementation,
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    built_under_zero_init = all(hasattr(p, "ds_id") for p in model.parameters())
+    model.config.use_cache = False  # as mtl_scale does: a KV cache is only overhead in training
+    targets = "all-linear" if cfg.lora.target_modules == ["all-linear"] else list(cfg.lora.target_modules)
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
+        task_type="CAUSAL_LM", bias="none"))
+    rows = [{"input_ids": ids, "labels": labels}
+            for data in tasks.values() for ids, labels in zip(data.train.input_ids, data.train.labels)]
+    # Count what the model is actually fed (a DataLoader may fetch ahead of the step it belongs to).
+    model.register_forward_pre_hook(lambda _m, _a, kwargs: clock.count(kwargs["attention_mask"]), with_kwargs=True)
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            clock.mark()
+
+    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                      data_collator=lambda feats: collate([(f["input_ids"], f["labels"]) for f in feats],
+                                                          tokenizer.pad_token_id),
+                      callbacks=[Clock()])
+    trainer.train()
+    shutil.rmtree(args.output_dir, ignore_errors=True)  # nothing is saved there (save_strategy="no")
+    info = describe(model, "hf", list(tasks))
+    info.update(zero_stage=trainer.model_wrapped.zero_optimization_stage(), built_under_zero_init=built_under_zero_init)
+    return info, trainer.args.device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stack", choices=["ours", "hf"], required=True)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps first")
+    parser.add_argument("--local_rank", type=int)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs/demo.yaml", args.overrides)
+    clock = StepClock()
+    info, device = (measure_ours if args.stack == "ours" else measure_hf)(cfg, clock)
+    if len(clock.marks) != cfg.max_steps:
+        raise RuntimeError(f"{args.stack}: {len(clock.marks)} optimizer steps seen, expected {cfg.max_steps}")
+    w = window(clock.marks, args.warmup)
+    # All ranks' tokens and sequences; the slowest rank's time (they wait for each other at every step anyway).
+    totals = torch.tensor([w["tokens"], w["sequences"]], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(totals)
+    elapsed = torch.tensor([w["elapsed"]], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+    tokens, sequences = int(totals[0]), int(totals[1])
+    if torch.distributed.get_rank() == 0:
+        on_cuda = torch.cuda.is_available()
+        result = {
+            "stack": args.stack, "sharing": cfg.sharing, "world": torch.distributed.get_world_size(),
+            "device": "cuda" if on_cuda else "cpu",
+            "device_name": torch.cuda.get_device_name() if on_cuda else "cpu", "dtype": cfg.model.dtype,
+            "threads": torch.get_num_threads(), "steps": len(w["step_times"]), "tokens": tokens,
+            "elapsed_s": float(elapsed), "tokens_per_s": tokens / float(elapsed),
+            "step_time_s": statistics.median(w["step_times"]),
+            "tokens_per_sequence": tokens / sequences,
+            "flops_per_token": flops_per_token(info["frozen_params"], info["active_trainable_params"],
+                                               info["n_layers"], info["hidden"], tokens / sequences),
+            **info,
+        }
+        print(f"{RESULT_TAG} {json.dumps(result)}", flush=True)
+
+
+if __name__ == "__main__":
+    run_entry(main)

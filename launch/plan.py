@@ -1,0 +1,18 @@
+"""Per-GPU memory plan of a LoRA run under DeepSpeed ZeRO: does it fit, and if not, what would.
+
+    python launch/plan.py --config configs/llama3_8b_8gpu.yaml
+    python launch/plan.py --model configs/models/llama-3.1-70b.json --nodes 2 --gpus-per-node 8 --seq-len 4096
+    python launch/plan.py --config configs/llama3_8b_8gpu.yaml --offload optimizer --json sharing=hard
+
+The formulas and their measured error: docs/MEMORY.md.
+"""
+from mtl_scale.cli import run_entry
+
+
+def main():
+    from mtl_scale.planner import main as plan_main
+    plan_main()
+
+
+if __name__ == "__main__":
+    run_entry(main)

@@ -1,0 +1,123 @@
+"""bench/throughput.py: its arithmetic against hand-computed values, the synthetic fixed-length data,
+and one end-to-end run of the driver (both stacks on 2 real ZeRO-3 CPU ranks)."""
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist import ROOT, _run
+
+sys.path.insert(0, str(ROOT / "bench"))
+import throughput as tp  # noqa: E402
+
+
+def test_flops_per_token_by_hand():
+    # 4·1000 (frozen: forward + activation gradients) + 6·10 (LoRA) + 12·2 layers·8 hidden·4 seq
+    assert tp.flops_per_token(n_frozen=1000, n_trainable=10, n_layers=2, hidden=8, seq=4) == 4000 + 60 + 768
+    # a 7B-class base, LoRA negligible, 32 layers, hidden 4096, 2048 tokens: 2.8e10 + 3.221225472e9
+    assert tp.flops_per_token(7e9, 0, 32, 4096, 2048) == pytest.approx(3.1221225472e10, rel=1e-12)
+
+
+def test_peak_tflops_by_device_name():
+    assert tp.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert tp.peak_tflops("NVIDIA H100 PCIe") == 756.0  # the specific name wins over "H100"
+    assert tp.peak_tflops("NVIDIA H200") == 989.0
+    assert tp.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert tp.peak_tflops("NVIDIA GeForce RTX 4090") is None
+    assert tp.peak_tflops("NVIDIA GeForce RTX 4090", override=165.0) == 165.0
+    assert tp.peak_tflops("NVIDIA H100 80GB HBM3", override=500.0) == 500.0
+
+
+def test_mfu_by_hand():
+    # 1000 tokens/s · 1e9 FLOPs/token = 1e12 FLOP/s on 2 devices of 1 TFLOP/s peak: 50%
+    assert tp.mfu(1000.0, 1e9, peak=1.0, n_devices=2) == pytest.approx(0.5)
+    # 8B-class model at 4000 tokens/s on one H100: 4000 · 4.8e10 / 989e12
+    assert tp.mfu(4000.0, 4.8e10, 989.0, 1) == pytest.approx(0.19413549, rel=1e-6)
+
+
+def test_abba_order_balances_positions():
+    assert tp.abba_order(["a", "b"], 2) == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    order = tp.abba_order(["hard", "hf", "soft"], 1)
+    assert order == ["hard", "hf", "soft", "soft", "hf", "hard"]
+    mean_pos = {v: statistics.mean(i for i, x in enumerate(order) if x == v) for v in set(order)}
+    assert set(mean_pos.values()) == {2.5}  # linear drift adds the same to every variant
+
+
+def test_window_skips_warmup_steps():
+    # step ends at t = 1, 3, 6, 10 s with 10, 30, 60, 100 tokens and 1, 3, 6, 10 sequences so far
+    marks = [(1.0, 10, 1), (3.0, 30, 3), (6.0, 60, 6), (10.0, 100, 10)]
+    w = tp.window(marks, warmup=1)
+    assert w == {"step_times": [2.0, 3.0, 4.0], "elapsed": 9.0, "tokens": 90, "sequences": 9}
+    assert tp.window(marks, warmup=3) == {"step_times": [4.0], "elapsed": 4.0, "tokens": 40, "sequences": 4}
+    with pytest.raises(ValueError, match="warmup"):
+        tp.window(marks, warmup=0)  # no step end to start the clock from
+    with pytest.raises(ValueError, match="warmup"):
+        tp.window(marks, warmup=4)
+
+
+def test_variant_medians_and_ratios_by_hand():
+    results = [
+        {"variant": "ours-hard", "step_time_s": 0.30, "tokens_per_s": 1000.0, "tokens": 300, "steps": 3},
+        {"variant": "hf", "step_time_s": 0.40, "tokens_per_s": 800.0, "tokens": 330, "steps": 3},
+        {"variant": "hf", "step_time_s": 0.50, "tokens_per_s": 600.0, "tokens": 330, "steps": 3},
+        {"variant": "ours-hard", "step_time_s": 0.34, "tokens_per_s": 900.0, "tokens": 300, "steps": 3},
+        {"variant": "ours-soft", "step_time_s": 0.336, "tokens_per_s": 890.0, "tokens": 300, "steps": 3},
+    ]
+    med = tp.variant_medians(results)
+    assert med["ours-hard"]["launches"] == 2 and med["ours-soft"]["launches"] == 1
+    assert med["ours-hard"]["step_time_s"] == pytest.approx(0.32)      # (0.30 + 0.34) / 2
+    assert med["hf"]["tokens_per_s"] == pytest.approx(700.0)
+    assert med["hf"]["tokens_per_step"] == pytest.approx(110.0)
+    r = tp.ratios(med, {4: {"ratio": 1.03}})
+    assert r["ours-hard/hf tokens_per_s"] == pytest.approx(950.0 / 700.0)
+    assert r["ours-hard/hf step_time"] == pytest.approx(0.32 / 0.45)
+    assert r["ours-soft/ours-hard step_time"] == pytest.approx(0.336 / 0.32)  # 1.05
+    assert r["pcgrad/sum K=4 step_time"] == 1.03
+
+
+def test_parse_result_finds_the_line_among_launcher_noise():
+    out = "[INFO] launcher\n[rank 1] warn\nTHROUGHPUT_RESULT {\"tokens\": 5, \"stack\": \"hf\"}\n[INFO] exits\n"
+    assert tp.parse_result(out) == {"tokens": 5, "stack": "hf"}
+    with pytest.raises(RuntimeError, match="THROUGHPUT_RESULT"):
+        tp.parse_result("[INFO] a worker that died early\n")
+
+
+def test_synthetic_tasks_are_exactly_max_seq_len_tokens(tmp_path, tiny_tokenizer):
+    from mtl_scale.config import load_config
+    from mtl_scale.data.prepare import prepare_tasks
+
+    overrides = tp.write_synthetic_tasks(tiny_tokenizer, tmp_path, n_tasks=2, n_examples=20, seq_len=48)
+    cfg = load_config(ROOT / "configs/demo.yaml", ["max_seq_len=48", *overrides])
+    tasks = prepare_tasks(cfg, tiny_tokenizer)
+    assert list(tasks) == ["synthetic0", "synthetic1"]
+    for data in tasks.values():
+        assert len(data.train) == 20 and data.train.dropped == 0
+        assert {len(ids) for ids in data.train.input_ids} == {48}
+        # a prompt of about half the sequence, the rest is completion (the loss is taken there)
+        assert all(12 <= n <= 36 for n in data.train.prompt_lens)
+
+
+@pytest.mark.dist
+def test_driver_end_to_end_both_stacks_on_zero3(tmp_path):
+    out = tmp_path / "summary.json"
+    res = _run([sys.executable, "bench/throughput.py", "--once", "--warmup", "1", "--steps", "2",
+                "--json", str(out)], timeout=240, env=None)
+    assert res.returncode == 0, res.stdout[-20000:]
+    printed = {name: float(value) for name, value in re.findall(r"^RATIO (.+?) = ([\d.]+)", res.stdout, re.MULTILINE)}
+    assert set(printed) == {"ours-hard/hf tokens_per_s", "ours-hard/hf step_time", "ours-soft/ours-hard step_time"}
+    assert all(v > 0 for v in printed.values())
+
+    by_variant = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    ours, hf, soft = by_variant["ours-hard"], by_variant["hf"], by_variant["ours-soft"]
+    for r in (ours, hf, soft):
+        # ZeRO-3 really shards the base: every parameter is DeepSpeed-managed, each rank holds half
+        assert r["zero_stage"] == 3 and r["all_params_zero3"] and r["base_local_fraction"] == pytest.approx(0.5, abs=0.01)
+        assert r["only_lora_trainable"] and r["world"] == 2 and r["steps"] == 2 and r["tokens"] > 0
+    assert hf["built_under_zero_init"]  # from_pretrained ran while TrainingArguments' HfDeepSpeedConfig was alive
+    # a fair comparison: the same model, the same LoRA, the same threads per rank
+    assert ours["trainable_params"] == hf["trainable_params"] == soft["trainable_params"] // 4
+    assert ours["frozen_params"] == hf["frozen_params"] and ours["threads"] == hf["threads"]
+    assert ours["flops_per_token"] == pytest.approx(hf["flops_per_token"], rel=0.2)  # differs by mean length only
