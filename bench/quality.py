@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from throughput import free_port  # bench/ is on sys.path when a bench script runs
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "bench" / "configs" / "quality.yaml"
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -47,13 +49,6 @@ VARIANTS = {
 # number of steps, so the K single-task runs together cost what one multi-task run costs and each
 # task sees as many examples as uniform sampling would give it. "soft-merged": the soft runs, merged.
 ALL_VARIANTS = ["single", *VARIANTS, "soft-merged"]
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(out: Path, overrides: list[str], nprocs: int, timeout: float) -> float:
