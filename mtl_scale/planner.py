@@ -15,9 +15,9 @@ LoRA parameters, b x s tokens per micro-batch):
   (norms; small LoRA matrices), which it leaves gathered after first use; ZeRO-0/1/2 keep a whole copy on
   every GPU. The quantisation state is no nn.Parameter, so ZeRO-3 does not shard it.
 - ZeRO-3 gathered working set at the forward/backward turn: lm_head, plus the last decoder layers
-  that come back in backward within stage3_max_reuse_distance (and the embedding, under gradient
-  checkpointing), plus the prefetch bucket; nothing kept when adapters switch per task (soft, hybrid):
-  see zero3_kept_gathered. 4-bit Linears add the transient dequantised weight of the largest Linear.
+  (base and every adapter: LoRA layers are ZeRO-3 leaves) and the embedding while they come back in
+  backward within stage3_max_reuse_distance, plus the prefetch bucket: see zero3_kept_gathered.
+  4-bit Linears add the transient dequantised weight of the largest Linear.
 - LoRA parameters l x N (l = p, but 4 under ZeRO-3: see built_under_zero_init), gradients g x N, Adam
   12 x N (fp32 master copy + two moments; 8 x N with fp32 and no ZeRO). ZeRO >= 1 divides the optimizer
   by W, >= 2 the gradients, 3 the parameters; offload_optimizer moves optimizer and gradient partitions
@@ -49,9 +49,8 @@ LoRA parameters, b x s tokens per micro-batch):
   layer is recomputed during backward.
 - logits + loss: the engine keeps the logits (p V per token) through backward; the loss's fp32
   log-softmax (4V) and, in backward, its gradient and the logits' fp32 gradient (4V + 4V).
-- backward working memory: the largest of the loss's 12 V per token; one recomputed layer under
-  gradient checkpointing + about two intermediate-sized fp32 gradients (8 i per token); and, when
-  ZeRO-3 released lm_head, lm_head gathered again beside the logits' fp32 gradient.
+- backward working memory: the larger of the loss's 12 V per token and one recomputed layer under
+  gradient checkpointing + about two intermediate-sized fp32 gradients (8 i per token).
 - CUDA context + NCCL communicators: a fixed 2 GiB allowance (an assumption; not measured here).
 
 DeepSpeed's own estimators (``estimate_zero3_model_states_mem_needs``, and ZeRO-1/2's
@@ -146,11 +145,6 @@ class PlanInputs:
     @property
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
-
-    @property
-    def switches_adapters(self) -> bool:
-        """Micro-batches of different tasks use different adapters (soft or hybrid with several tasks)."""
-        return self.sharing != "hard" and len(self.adapter_ranks) - (self.sharing == "hybrid") > 1
 
     @property
     def grad_bytes(self) -> int:
@@ -380,22 +374,25 @@ def zero3_kept_gathered(shape: ModelShape, inp: PlanInputs) -> tuple[int, int]:
     stage3_max_reuse_distance elements of the recorded module order. lm_head's next use is its own
     backward, right after the loss, so it stays; decoder layer j-th from the end comes back after
     2 x lm_head + 2 x j layers, so the last layers stay while that is below the distance (1e9: none
-    for Llama-3-8B, whose lm_head alone has 525M; all of a small model). The embedding takes no part in
-    backward (its weight is frozen) unless gradient checkpointing makes its output require grad.
-    Switching adapters between micro-batches (soft, hybrid) changes the parameters fetched, so ZeRO-3
-    never has a complete trace and releases every module right after use: nothing stays.
+    for Llama-3-8B, whose lm_head alone has 525M; all of a small model). Every LoRA layer is a ZeRO-3
+    leaf (mtl_scale/zero3_adapters.py): gathered whole, base weight and every adapter's matrices (those
+    above the persistence threshold; the rest are whole anyway), and the module order is the same
+    whichever adapter is active, so soft and hybrid keep what hard does. The leaves make the
+    embedding's output require grad, so the embedding comes back in backward too.
     """
-    if inp.switches_adapters:
-        return 0, 0
     p = DTYPE_BYTES[inp.dtype]
     quantized = inp.quantization != "none"
     head = shape.vocab * shape.hidden * p  # never quantized, tied or not
-    layer = sum(n // 2 if quantized and name in shape.linears else n * p
-                for name, n in shape.module_params.items() if ".layers.0." in f".{name}.")
+    threshold = inp.persistence_threshold if inp.persistence_threshold is not None else 10 * shape.hidden
+    lora = sum(n for r in inp.adapter_ranks for i, o in _layer0(lora_targets(shape, inp.lora_targets)).values()
+               for n in (r * i, o * r) if n > threshold)
+    layer = lora * lora_dtype_bytes(inp) + sum(n // 2 if quantized and name in shape.linears else n * p
+                                               for name, n in shape.module_params.items()
+                                               if ".layers.0." in f".{name}.")
     kept = 0
     while kept < shape.layers and 2 * head + 2 * kept * layer < inp.reuse_distance * p:
         kept += 1
-    embedding = head if inp.gradient_checkpointing and 2 * head + 2 * kept * layer < inp.reuse_distance * p else 0
+    embedding = head if 2 * head + 2 * kept * layer < inp.reuse_distance * p else 0
     return head + kept * layer + embedding, kept
 
 
@@ -477,8 +474,7 @@ def estimate(shape: ModelShape, inp: PlanInputs) -> Plan:
         kept_bytes, kept_layers = zero3_kept_gathered(shape, inp)
         work = kept_bytes + bucket * p
         note = (f"{shape.output_head} + {kept_layers} of {shape.layers} layers kept for reuse + prefetch bucket "
-                f"{bucket:,} elements" if kept_bytes else f"adapters switch per task: ZeRO-3 releases every module "
-                f"after use; prefetch bucket {bucket:,} elements")
+                f"{bucket:,} elements")
         if qstate:
             work += p * max(i * o for i, o in shape.linears.values())
             note += " + one dequantised Linear"
@@ -533,8 +529,6 @@ def estimate(shape: ModelShape, inp: PlanInputs) -> Plan:
     candidates = {"fp32 log-softmax + its gradient + fp32 logits gradient (12 B x vocab per token)":
                   tokens * shape.vocab * 12,
                   "one layer recomputed + its gradients": backward_layer}
-    if z3 and inp.switches_adapters:  # lm_head is gathered again for its backward, beside the logits' gradient
-        candidates["lm_head re-gathered + fp32 logits gradient"] = shape.vocab * (shape.hidden * p + 4 * tokens)
     note, most = max(candidates.items(), key=lambda kv: kv[1])
     comps.append(Component("backward working memory", int(most), note))
     cuda = CUDA_OVERHEAD if inp.device == "cuda" else 0

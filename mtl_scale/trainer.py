@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mtl_scale import adapters, checkpoint
+from mtl_scale import adapters, checkpoint, zero3_adapters
 from mtl_scale.config import RunConfig, to_dict
 from mtl_scale.data.formatting import collate, completion_tokens
 from mtl_scale.data.prepare import TaskData, prepare_tasks
@@ -139,9 +139,13 @@ def setup(cfg: RunConfig) -> Run:
         n4 = sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit"
                  for m in model.modules())
         log.info("base quantized: %d Linear4bit layers (%s, storage %s)", n4, cfg.model.quantization, cfg.model.dtype)
+    if zero_stage(ds_config) == 3:  # one fetch per LoRA layer, the same module trace for every task
+        zero3_adapters.mark_lora_leaves(model)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=trainable, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    if zero_stage(ds_config) == 3:
+        zero3_adapters.skip_inactive_reductions(engine.optimizer, model)
     sampler = TaskSampler({t: len(d.train) for t, d in tasks.items()}, cfg.sampling, cfg.seed, rank, world)
     surgery, coupling = _surgery_and_coupling(cfg, model, names, zero_stage(ds_config))
     if rank == 0:

@@ -1,0 +1,64 @@
+"""Test driver (run under the deepspeed launcher): a few optimizer steps of the real trainer, recording
+what ZeRO-3 does with the switching adapters (mtl_scale/zero3_adapters.py).
+
+Writes <output_dir>/rank<r>_zero3.json:
+  trace_complete  per step: whether ZeRO-3's module trace was complete (prefetching) after it
+  reduced         per micro-batch: {"active": [adapters applied], "reduced": {adapter: LoRA tensors reduced}}
+  adapter_tensors {adapter: its LoRA tensors}
+"""
+import json
+import sys
+from pathlib import Path
+
+from mtl_scale import adapters
+from mtl_scale.cli import run_entry
+from mtl_scale.config import load_config
+from mtl_scale.engine import optimizer_step
+from mtl_scale.trainer import _activator, next_step_groups, setup, step_loss_scales
+
+
+def main():
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+    run = setup(cfg)
+    optimizer = run.engine.optimizer
+    adapter_of = {id(p): name for name in run.adapter_names for p in adapters.lora_parameters(run.model, name).values()}
+    per_micro_batch = []
+
+    # The call ZeRO-3 makes for each gradient it actually reduces (below mtl_scale's skip).
+    reduce = optimizer.reduce_independent_p_g_buckets_and_remove_grads
+
+    def counting_reduce(param):
+        reduced = per_micro_batch[-1]["reduced"]
+        reduced[adapter_of[id(param)]] = reduced.get(adapter_of[id(param)], 0) + 1
+        return reduce(param)
+    optimizer.reduce_independent_p_g_buckets_and_remove_grads = counting_reduce
+
+    activate, current = _activator(run), [None]
+
+    def tracking_activate(task):
+        current[0] = task
+        activate(task)
+
+    forward = run.engine.forward
+
+    def recording_forward(*args, **kwargs):
+        per_micro_batch.append({"active": adapters.adapters_for_task(cfg.sharing, current[0]), "reduced": {}})
+        return forward(*args, **kwargs)
+    run.engine.forward = recording_forward
+
+    coordinator = optimizer.parameter_offload.get_param_coordinator()
+    trace_complete = []
+    run.engine.train()
+    for step in range(cfg.max_steps):
+        groups = next_step_groups(run, step)
+        optimizer_step(run.engine, groups, tracking_activate, step_loss_scales(run, groups), run.surgery,
+                       run.coupling, step=step)
+        trace_complete.append(coordinator.is_complete_trace())
+    tensors = {name: len(adapters.lora_parameters(run.model, name)) for name in run.adapter_names}
+    (Path(cfg.output_dir) / f"rank{run.rank}_zero3.json").write_text(json.dumps(
+        {"trace_complete": trace_complete, "reduced": per_micro_batch, "adapter_tensors": tensors}))
+
+
+if __name__ == "__main__":
+    sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+    run_entry(main)
