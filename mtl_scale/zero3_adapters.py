@@ -31,8 +31,8 @@ import functools
 from mtl_scale import adapters
 
 
-def mark_lora_leaves(model) -> int:
-    """Before ``deepspeed.initialize``: every LoRA layer a ZeRO-3 leaf module. Returns how many."""
+def mark_lora_leaves(model) -> None:
+    """Before ``deepspeed.initialize``: every LoRA layer a ZeRO-3 leaf module."""
     from deepspeed.utils import set_z3_leaf_module
 
     layers = adapters.tuner_layers(model)
@@ -40,7 +40,6 @@ def mark_lora_leaves(model) -> int:
         set_z3_leaf_module(layer, True)
     if layers:
         model.enable_input_require_grads()
-    return len(layers)
 
 
 def skip_inactive_reductions(optimizer, model) -> None:
