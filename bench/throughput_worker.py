@@ -125,14 +125,17 @@ def measure_hf(cfg: RunConfig, clock: StepClock) -> tuple[dict, object]:
     from mtl_scale.data.prepare import prepare_tasks
     from mtl_scale.ds_config import build_ds_config, gradient_accumulation_steps
     from mtl_scale.model import DTYPES, load_tokenizer, resolve_model_path
+    from mtl_scale.planner import adapter_and_frozen_sizes, model_shape
 
     if not torch.cuda.is_available():
         accelerate_deepspeed_on_cpu()
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     tasks = prepare_tasks(cfg, tokenizer)  # the identical token ids and completion-only labels
-    hidden = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).hidden_size
-    ds_config = build_ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), hidden)
+    # the dict mtl_scale builds, its "auto" persistence threshold from the same LoRA sizes (hard: one adapter)
+    shape = model_shape(AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code))
+    ds_config = build_ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), shape.hidden,
+                                *adapter_and_frozen_sizes(shape, cfg.lora.target_modules, [cfg.lora.r]))
     # as mtl_scale.model.load_model does it (non-reentrant: frozen embeddings need no input grads)
     checkpointing = ({"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}
                      if cfg.model.gradient_checkpointing else {})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from mtl_scale.config import RunConfig
@@ -27,7 +28,27 @@ def gradient_accumulation_steps(cfg: RunConfig) -> int:
     return cfg.sampling.tasks_per_step * cfg.sampling.micro_batches_per_task
 
 
-def build_ds_config(cfg: RunConfig, world_size: int, hidden_size: int) -> dict:
+def persistence_threshold(hidden_size: int, lora_sizes: Sequence[int] = (), frozen_sizes: Sequence[int] = ()) -> int:
+    """The "auto" ``stage3_param_persistence_threshold``, in elements.
+
+    Hugging Face's rule of thumb, 10 x hidden, keeps the small parameters (norms, biases) whole on every
+    rank. mtl_scale raises it to the largest LoRA matrix (``lora_sizes``) that is smaller than every
+    frozen weight matrix (``frozen_sizes``), so the LoRA matrices are whole on every rank too and the base
+    stays partitioned. A whole parameter is not gathered and released around each use, which is
+    DeepSpeed bookkeeping per tensor: for K task adapters that would be K times hard sharing's. The
+    cost is memory (every adapter whole on every GPU: 0.6% of Llama-3-8B's weights per r=16 adapter on
+    all projections) and, after each optimizer step, one all-gather of the updated LoRA matrices
+    (coalesced into one collective by ``zero3_adapters.coalesce_persistent_gather``).
+    """
+    smallest_frozen = min(frozen_sizes, default=float("inf"))
+    return max([10 * hidden_size, *(n for n in lora_sizes if n < smallest_frozen)])
+
+
+def build_ds_config(cfg: RunConfig, world_size: int, hidden_size: int, lora_sizes: Sequence[int] = (),
+                    frozen_sizes: Sequence[int] = ()) -> dict:
+    """The DeepSpeed dict for ``deepspeed.initialize``. ``lora_sizes`` / ``frozen_sizes`` (elements of
+    every LoRA matrix / every frozen weight matrix) decide the "auto" persistence threshold
+    (:func:`persistence_threshold`); without them it is 10 x hidden."""
     path = resolve_path(cfg.deepspeed_config)
     if not path.is_file():
         raise UserError(f"deepspeed_config={cfg.deepspeed_config!r}: file not found")
@@ -46,10 +67,12 @@ def build_ds_config(cfg: RunConfig, world_size: int, hidden_size: int) -> dict:
         "fp16.enabled": cfg.model.dtype == "fp16",
         "optimizer.params.lr": cfg.lr,
         "optimizer.params.weight_decay": cfg.weight_decay,
-        # The Hugging Face integration's rules of thumb, by hidden size.
+        # The Hugging Face integration's rules of thumb, by hidden size (the persistence threshold raised
+        # to keep LoRA matrices whole).
         "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
         "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+        "zero_optimization.stage3_param_persistence_threshold": persistence_threshold(hidden_size, lora_sizes,
+                                                                                      frozen_sizes),
     }
     owned = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
     for key, value in fills.items():

@@ -12,7 +12,7 @@ LoRA parameters, b x s tokens per micro-batch):
   quantisation state: a uint8 absmax per 64 weights, an fp32 absmax per 256 blocks and two code tables
   per Linear; embeddings, norms and lm_head stay in dtype). ZeRO-3 keeps a 1/W partition of every
   parameter, and the whole of each parameter of at most stage3_param_persistence_threshold elements
-  (norms; small LoRA matrices), which it leaves gathered after first use; ZeRO-0/1/2 keep a whole copy on
+  (norms; the LoRA matrices under the "auto" threshold), which it leaves gathered after first use; ZeRO-0/1/2 keep a whole copy on
   every GPU. The quantisation state is no nn.Parameter, so ZeRO-3 does not shard it.
 - ZeRO-3 gathered working set at the forward/backward turn: lm_head, plus the last decoder layers
   (base and every adapter: LoRA layers are ZeRO-3 leaves) and the embedding while they come back in
@@ -130,7 +130,8 @@ class PlanInputs:
     prefetch_bucket: int | None = None
     """ZeRO-3 stage3_prefetch_bucket_size in elements; None: 0.9 h^2."""
     persistence_threshold: int | None = None
-    """ZeRO-3 stage3_param_persistence_threshold in elements; None: 10 h."""
+    """ZeRO-3 stage3_param_persistence_threshold in elements; None: mtl_scale's "auto", 10 h raised to the
+    largest LoRA matrix (see ``persistence``)."""
     reduce_bucket: int | None = None
     """ZeRO reduce_bucket_size in elements; None: h^2."""
     contiguous_gradients: bool = True
@@ -347,11 +348,26 @@ def _whole_base_bytes(shape: ModelShape, per_weight: float, p: int) -> int:
     return int(sum(i * o for i, o in shape.linears.values()) * per_weight) + sum(shape.other_param_numels) * p
 
 
-def zero3_param_bytes(numels: list[int], element_bytes: float, inp: PlanInputs, hidden: int) -> int:
+def persistence(shape: ModelShape, inp: PlanInputs) -> int:
+    """stage3_param_persistence_threshold: as set, or mtl_scale's "auto" (ds_config.persistence_threshold:
+    10 h raised to keep every LoRA matrix whole, as the trainer fills it from the same sizes)."""
+    if inp.persistence_threshold is not None:
+        return inp.persistence_threshold
+    from mtl_scale.ds_config import persistence_threshold
+    return persistence_threshold(shape.hidden, *adapter_and_frozen_sizes(shape, inp.lora_targets, inp.adapter_ranks))
+
+
+def adapter_and_frozen_sizes(shape: ModelShape, targets: list[str], ranks: list[int]) -> tuple[list[int], list[int]]:
+    """(elements of every LoRA matrix, of every weight matrix LoRA wraps): what the persistence threshold
+    depends on (zero3_adapters.matrix_sizes counts the same on the real model)."""
+    return ([n for r in ranks for n in lora_matrix_numels(shape, targets, r)],
+            [i * o for i, o in lora_targets(shape, targets).values()])
+
+
+def zero3_param_bytes(numels: list[int], element_bytes: float, inp: PlanInputs, threshold: int) -> int:
     """Per-GPU bytes of parameters under ZeRO-3: each one's partition (ceil(numel / W) elements), plus the
-    whole of every parameter of at most stage3_param_persistence_threshold elements, which ZeRO-3 keeps
-    gathered after its first use (and never releases)."""
-    threshold = inp.persistence_threshold if inp.persistence_threshold is not None else 10 * hidden
+    whole of every parameter of at most ``threshold`` (stage3_param_persistence_threshold) elements,
+    which ZeRO-3 keeps gathered after its first use (and never releases)."""
     return int(sum((math.ceil(n / inp.world) + (n if n <= threshold else 0)) * element_bytes for n in numels))
 
 
@@ -363,8 +379,9 @@ def base_param_bytes(shape: ModelShape, inp: PlanInputs) -> tuple[int, int]:
     if inp.zero_stage != 3:
         return whole, whole
     linear = [i * o for i, o in shape.linears.values()]
-    return (zero3_param_bytes(linear, per_weight, inp, shape.hidden)
-            + zero3_param_bytes(shape.other_param_numels, p, inp, shape.hidden)), whole
+    threshold = persistence(shape, inp)
+    return (zero3_param_bytes(linear, per_weight, inp, threshold)
+            + zero3_param_bytes(shape.other_param_numels, p, inp, threshold)), whole
 
 
 def zero3_kept_gathered(shape: ModelShape, inp: PlanInputs) -> tuple[int, int]:
@@ -383,7 +400,7 @@ def zero3_kept_gathered(shape: ModelShape, inp: PlanInputs) -> tuple[int, int]:
     p = DTYPE_BYTES[inp.dtype]
     quantized = inp.quantization != "none"
     head = shape.vocab * shape.hidden * p  # never quantized, tied or not
-    threshold = inp.persistence_threshold if inp.persistence_threshold is not None else 10 * shape.hidden
+    threshold = persistence(shape, inp)
     lora = sum(n for r in inp.adapter_ranks for i, o in _layer0(lora_targets(shape, inp.lora_targets)).values()
                for n in (r * i, o * r) if n > threshold)
     layer = lora * lora_dtype_bytes(inp) + sum(n // 2 if quantized and name in shape.linears else n * p
@@ -487,8 +504,11 @@ def estimate(shape: ModelShape, inp: PlanInputs) -> Plan:
     numels = [n for r in inp.adapter_ranks for n in lora_matrix_numels(shape, inp.lora_targets, r)]
     fp32_note = " (PEFT's fp32, kept by ZeRO-3)" if lp != p else ""
     if z3:
-        comps.append(Component("LoRA parameters", zero3_param_bytes(numels, lp, inp, shape.hidden),
-                               f"{N:,} x {lp} B{fp32_note} / W (ZeRO-3; small ones whole)", base_where))
+        threshold = persistence(shape, inp)
+        whole = sum(n for n in numels if n <= threshold)
+        comps.append(Component("LoRA parameters", zero3_param_bytes(numels, lp, inp, threshold),
+                               f"{N:,} x {lp} B{fp32_note}, {whole / N:.0%} of them whole (persistent: at most "
+                               f"{threshold:,} elements each), the rest / W (ZeRO-3)", base_where))
     else:
         comps.append(Component("LoRA parameters", N * lp, f"{N:,} x {lp} B"))
     off = inp.offload_optimizer and inp.zero_stage >= 1
@@ -771,7 +791,19 @@ def inputs_from_config(cfg: RunConfig, shape: ModelShape, args: argparse.Namespa
     quant = _choice("--quantization", args.quantization, "model.quantization", cfg.model.quantization, QUANTIZATION)
     attn = _choice("--attn-implementation", args.attn_implementation, "model.attn_implementation",
                    cfg.model.attn_implementation, ATTENTION)
-    zero = _deepspeed_settings(cfg, args.nodes * args.gpus_per_node, shape.hidden)
+    targets = cfg.lora.target_modules
+    if args.lora_targets is not None:
+        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    if not targets:
+        raise UserError("--lora-targets is empty; name modules (q_proj,v_proj) or all-linear")
+    lora_targets(shape, targets)  # unknown target names fail here, with the model's Linear names
+    if args.adapters and cfg.sharing == "hard":
+        raise UserError("--adapters sets the number of per-task adapters; sharing=hard has one shared adapter. "
+                        "Use sharing=soft or sharing=hybrid (a key=value override) or leave --adapters out")
+    r, k = args.lora_r or cfg.lora.r, args.adapters or len(cfg.tasks)
+    ranks = {"hard": [r], "soft": [r] * k, "hybrid": [r] + [cfg.hybrid.task_r] * k}[cfg.sharing]
+    zero = _deepspeed_settings(cfg, args.nodes * args.gpus_per_node, shape.hidden,
+                               *adapter_and_frozen_sizes(shape, targets, ranks))
     if args.zero_stage is not None:
         _allowed("--zero-stage", args.zero_stage, (0, 1, 2, 3))
         zero["zero_stage"] = args.zero_stage
@@ -784,17 +816,6 @@ def inputs_from_config(cfg: RunConfig, shape: ModelShape, args: argparse.Namespa
         raise UserError("--offload optimizer+params / offload_param needs ZeRO stage 3 (--zero-stage 3): DeepSpeed "
                         "offloads parameters only under ZeRO-3")
 
-    targets = cfg.lora.target_modules
-    if args.lora_targets is not None:
-        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-    if not targets:
-        raise UserError("--lora-targets is empty; name modules (q_proj,v_proj) or all-linear")
-    lora_targets(shape, targets)  # unknown target names fail here, with the model's Linear names
-    if args.adapters and cfg.sharing == "hard":
-        raise UserError("--adapters sets the number of per-task adapters; sharing=hard has one shared adapter. "
-                        "Use sharing=soft or sharing=hybrid (a key=value override) or leave --adapters out")
-    r, k = args.lora_r or cfg.lora.r, args.adapters or len(cfg.tasks)
-    ranks = {"hard": [r], "soft": [r] * k, "hybrid": [r] + [cfg.hybrid.task_r] * k}[cfg.sharing]
     # as mtl_scale.trainer decides: surgery other than sum, or its telemetry, on the shared adapter
     surgery = cfg.surgery.method != "sum" or (cfg.surgery.telemetry and cfg.sharing != "soft")
     if surgery and zero["zero_stage"] != 3:
@@ -811,11 +832,12 @@ def inputs_from_config(cfg: RunConfig, shape: ModelShape, args: argparse.Namespa
         gpu_memory_gib=args.gpu_memory, **zero)
 
 
-def _deepspeed_settings(cfg: RunConfig, world: int, hidden: int) -> dict:
+def _deepspeed_settings(cfg: RunConfig, world: int, hidden: int, lora_sizes: list[int],
+                        frozen_sizes: list[int]) -> dict:
     """PlanInputs' DeepSpeed fields from the run config's DeepSpeed JSON ("auto" filled as the trainer
     fills it; a key left out takes DeepSpeed's default, runtime/zero/config.py)."""
     from mtl_scale.ds_config import build_ds_config, resolve_path, zero_stage
-    ds = build_ds_config(cfg, world, hidden)
+    ds = build_ds_config(cfg, world, hidden, lora_sizes, frozen_sizes)
     zero = ds.get("zero_optimization", {})
 
     def offloaded(key: str) -> bool:

@@ -139,13 +139,16 @@ def setup(cfg: RunConfig) -> Run:
         n4 = sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit"
                  for m in model.modules())
         log.info("base quantized: %d Linear4bit layers (%s, storage %s)", n4, cfg.model.quantization, cfg.model.dtype)
-    if zero_stage(ds_config) == 3:  # one fetch per LoRA layer, the same module trace for every task
-        zero3_adapters.mark_lora_leaves(model)
+    if zero_stage(ds_config) == 3:
+        # The "auto" persistence threshold depends on the LoRA matrices, which exist now.
+        ds_config = build_ds_config(cfg, world, hidden, *zero3_adapters.matrix_sizes(model))
+        zero3_adapters.mark_lora_leaves(model)  # one fetch per LoRA layer, the same module trace for every task
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=trainable, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
     if zero_stage(ds_config) == 3:
         zero3_adapters.skip_inactive_reductions(engine.optimizer, model)
+        zero3_adapters.coalesce_persistent_gather(engine.optimizer)
     sampler = TaskSampler({t: len(d.train) for t, d in tasks.items()}, cfg.sampling, cfg.seed, rank, world)
     surgery, coupling = _surgery_and_coupling(cfg, model, names, zero_stage(ds_config))
     if rank == 0:

@@ -23,6 +23,14 @@ A full backward hook fires once the gradients for the module's *inputs* are read
 needs a gradient (the first layer's projections: embeddings are frozen) it fires before the weight
 gradients exist. ``enable_input_require_grads`` makes the embedding output require a gradient, at
 the cost of the input gradients of the first layer.
+
+Whole LoRA matrices. A leaf still gathers and releases every adapter's matrices around each use,
+with DeepSpeed's bookkeeping per tensor: K adapters, K times hard sharing's (profiled in
+docs/BENCHMARKS.md). The "auto" persistence threshold (``ds_config.persistence_threshold``) keeps the
+LoRA matrices whole on every rank instead, as ZeRO-3 keeps norms: never gathered in forward or
+backward, partitioned for the optimizer step and gathered after it. DeepSpeed gathers its persistent
+parameters one collective per tensor (``_allgather_params_coalesced`` launches one per parameter);
+``coalesce_persistent_gather`` makes that one flat all-gather, the one ZeRO-3's module fetch uses.
 """
 from __future__ import annotations
 
@@ -40,6 +48,21 @@ def mark_lora_leaves(model) -> None:
         set_z3_leaf_module(layer, True)
     if layers:
         model.enable_input_require_grads()
+
+
+def matrix_sizes(model) -> tuple[list[int], list[int]]:
+    """Before ``deepspeed.initialize``: (elements of every LoRA matrix, of every frozen weight matrix the
+    LoRA layers wrap), for ``ds_config.persistence_threshold``."""
+    lora, frozen = [], []
+    for layer in adapters.tuner_layers(model):
+        for name, p in layer.named_parameters():
+            # a base built under zero.Init is partitioned already: its ds_ sizes are the whole tensor's
+            numel, shape = getattr(p, "ds_numel", p.numel()), getattr(p, "ds_shape", p.shape)
+            if ".lora_" in f".{name}":
+                lora.append(numel)
+            elif len(shape) >= 2:  # a weight matrix, not a bias
+                frozen.append(numel)
+    return lora, frozen
 
 
 def skip_inactive_reductions(optimizer, model) -> None:
@@ -67,3 +90,36 @@ def skip_inactive_reductions(optimizer, model) -> None:
         reduce(param)
 
     optimizer.reduce_ready_partitions_and_remove_grads = reduce_if_active
+
+
+def coalesce_persistent_gather(optimizer) -> None:
+    """After ``deepspeed.initialize``: gather ZeRO-3's persistent parameters after each optimizer step in
+    one flat all-gather (``all_gather_coalesced``, as a module fetch does) instead of one per tensor.
+
+    Wraps the optimizer's ``_post_step``, which does that gather and nothing else that depends on it.
+    """
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    post_step = getattr(optimizer, "_post_step", None)
+    if post_step is None or not hasattr(optimizer, "persistent_parameters"):
+        raise RuntimeError("this DeepSpeed version's ZeRO-3 optimizer has no _post_step / persistent_parameters: "
+                           "mtl_scale cannot coalesce the persistent gather (see zero3_adapters.py); use "
+                           "DeepSpeed 0.17-0.19")
+
+    @functools.wraps(post_step)
+    def post_step_coalesced(*args, **kwargs):
+        persistent = optimizer.persistent_parameters
+        optimizer.persistent_parameters = []  # DeepSpeed's own gather skipped ...
+        try:
+            post_step(*args, **kwargs)
+        finally:
+            optimizer.persistent_parameters = persistent
+        # ... and done here: the step left them partitioned. Quantized partitions keep DeepSpeed's path.
+        todo = [p for p in persistent if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        flat = [p for p in todo if not hasattr(p.ds_tensor, "ds_quant_scale")]
+        if flat:
+            flat[0].all_gather_coalesced(flat).wait()
+        if len(flat) < len(todo):
+            todo[0].all_gather([p for p in todo if hasattr(p.ds_tensor, "ds_quant_scale")])
+
+    optimizer._post_step = post_step_coalesced

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mtl_scale import planner
+from mtl_scale.ds_config import persistence_threshold
 from mtl_scale.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,27 +135,32 @@ def test_activation_formula_equals_what_autograd_saves_per_layer(dtype, attn, dr
 
 def test_hand_computed_components_for_the_tiny_model(tiny_model_dir):
     """Tiny Llama: V=259, h=128, i=384, 2 layers, 4 heads, 2 KV heads of 32; fp32, r=16 on all 7 projections,
-    2 GPUs. ZeRO-3 keeps parameters of at most 10 h = 1280 elements whole: the norms (h) and the k/v lora_B
-    (kv x r = 1024)."""
+    2 GPUs. ZeRO-3 keeps parameters of at most the "auto" persistence threshold whole: the largest LoRA
+    matrix, 16 x 384 = 6144 elements (below k_proj's 128 x 64 = 8192), so the norms and every LoRA matrix."""
     shape = shape_of(tiny_model_dir)
     h, i, kv, V, L = 128, 384, 64, 259, 2
     total = 2 * V * h + L * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + h
     assert shape.total_params == total
     lora = 16 * L * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
-    small_lora = 2 * L * kv * 16  # k_proj and v_proj lora_B
     inp = planner.PlanInputs(model="tiny", nodes=1, gpus_per_node=2, zero_stage=3, dtype="fp32", adapter_ranks=[16],
                              micro_batch_size=4, seq_len=64, padded=False, device="cpu", prefetch_bucket=1000)
     plan = planner.estimate(shape, inp)
     c = {x.name: x for x in plan.components}
     assert c["frozen base parameters"].bytes == total * 4 // 2 + (2 * L + 1) * h * 4  # / W, + the norms whole
+    assert planner.persistence(shape, inp) == 16 * i
     layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
-    layer_lora = lora // L - small_lora // L  # a leaf is gathered with its adapters; the small lora_B are whole anyway
-    # lm_head + both layers (base + adapter) + the embedding (its output requires grad: back in backward) + bucket
-    assert c["ZeRO-3 gathered working set"].bytes == (V * h + L * (layer + layer_lora) + V * h + 1000) * 4
-    far = planner.estimate(shape, dataclasses.replace(inp, reuse_distance=2 * V * h + layer + layer_lora)).components
+    # lm_head + both layers' bases (the adapters are whole anyway) + the embedding (its output requires grad:
+    # back in backward) + bucket
+    assert c["ZeRO-3 gathered working set"].bytes == (V * h + L * layer + V * h + 1000) * 4
+    far = planner.estimate(shape, dataclasses.replace(inp, reuse_distance=2 * V * h + layer)).components
     assert {x.name: x.bytes for x in far}["ZeRO-3 gathered working set"] == \
-        (V * h + layer + layer_lora + 1000) * 4  # only the last layer comes back soon enough
-    assert c["LoRA parameters"].bytes == lora * 4 // 2 + small_lora * 4
+        (V * h + layer + 1000) * 4  # only the last layer comes back soon enough
+    assert c["LoRA parameters"].bytes == lora * 4 // 2 + lora * 4  # ZeRO-3's partition, and the whole
+    # With HF's 10 h = 1280 instead, only the k/v lora_B (kv x r = 1024) stay whole; a leaf gathers the rest.
+    hf = {x.name: x.bytes for x in planner.estimate(shape, dataclasses.replace(inp, persistence_threshold=10 * h)).components}
+    small_lora = 2 * L * kv * 16
+    assert hf["LoRA parameters"] == lora * 4 // 2 + small_lora * 4
+    assert hf["ZeRO-3 gathered working set"] == (V * h + L * (layer + (lora - small_lora) // L) + V * h + 1000) * 4
     assert c["LoRA gradients"].bytes == lora * 4 // 2
     assert c["optimizer states"].bytes == lora * 12 // 2
     assert c["gradient reduce bucket"].bytes == h * h * 4  # reduce_bucket_size h^2 in fp32 (communication_data_type)
@@ -195,9 +201,9 @@ def test_hand_computed_components_for_the_tiny_model(tiny_model_dir):
 
     soft = planner.estimate(shape, dataclasses.replace(inp, sharing="soft", adapter_ranks=[16] * 3)).components
     soft = {x.name: x.bytes for x in soft}
-    # the same module trace whichever adapter is active: soft keeps what hard does, with all 3 adapters per layer
-    assert soft["ZeRO-3 gathered working set"] == (2 * V * h + L * (layer + 3 * layer_lora) + 1000) * 4
-    assert soft["LoRA parameters"] == 3 * (lora * 4 // 2 + small_lora * 4)  # K adapters: K times the parameters
+    # the same module trace whichever adapter is active: soft keeps what hard does; all 3 adapters whole
+    assert soft["ZeRO-3 gathered working set"] == c["ZeRO-3 gathered working set"].bytes
+    assert soft["LoRA parameters"] == 3 * (lora * 4 // 2 + lora * 4)  # K adapters: K times the parameters
     assert soft["optimizer states"] == 3 * lora * 12 // 2
 
 
@@ -248,8 +254,10 @@ def test_deepspeed_estimator_beside_ours_on_the_lora_model_states():
     n = sum(result.lora_params)
     assert n == 4 * 16 * 32 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
     ours = result.group("LoRA parameters", "LoRA gradients", "optimizer states")
-    # 4 (PEFT's fp32 adapters, kept by ZeRO-3) + 4 + 12 B per parameter / W, + the k/v lora_B (1024 x 16 <= 10 h) whole
-    assert ours == 20 * n // 8 + 4 * 32 * 2 * 1024 * 16 * 4
+    # 4 (PEFT's fp32 adapters, kept by ZeRO-3) + 4 + 12 B per parameter / W, + every LoRA matrix whole: the "auto"
+    # persistence threshold is the largest, 16 x 14336 (the smallest frozen weight, k_proj, has 4096 x 1024)
+    assert planner.persistence(shape, inp) == 16 * 14336
+    assert ours == 20 * n // 8 + 4 * n
     ds = result.deepspeed_estimate
     assert ds["estimator"] == "deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs"
     assert ds["lora_gpu_bytes"] == int(18 * n / 8) + 4 * 16 * 14336  # + 4 B x the largest LoRA matrix (16 x 14336)
@@ -315,6 +323,15 @@ def test_cli_errors_name_the_flag_and_what_is_allowed(argv, message):
     assert message in str(e.value)
 
 
+def test_auto_persistence_threshold_keeps_lora_whole_and_the_base_partitioned():
+    assert persistence_threshold(4096) == 40960  # no adapters: Hugging Face's 10 h
+    assert persistence_threshold(128, [2048, 6144, 1024], [16384, 8192]) == 6144  # every LoRA matrix
+    # a LoRA matrix as large as a frozen weight (rank 64 on lm_head's 259 x 128 here) is not made whole: the
+    # threshold would take that weight along; the others still are
+    assert persistence_threshold(128, [2048, 259 * 64], [16384, 8192]) == 2048
+    assert persistence_threshold(4096, [1024], [16384]) == 40960  # never below 10 h
+
+
 def test_deepspeed_settings_come_from_the_run_config(tmp_path):
     """Keys left out of the DeepSpeed JSON take DeepSpeed's defaults; a dtype it does not know is refused with
     the file and the key."""
@@ -327,8 +344,9 @@ def test_deepspeed_settings_come_from_the_run_config(tmp_path):
         (3, 0, "bf16", None)
     assert (inp.prefetch_bucket, inp.reduce_bucket, inp.reuse_distance) == (5 * 10 ** 7, 5 * 10 ** 8, 10 ** 9)
     _, shipped = inputs("--model", "configs/models/llama-3.1-8b.json")  # ds_configs/zero3.json, "auto" filled
+    # the persistence threshold: 10 h raised to the largest LoRA matrix (down_proj's lora_A, r x 14336)
     assert (shipped.prefetch_bucket, shipped.reduce_bucket, shipped.persistence_threshold) == \
-        (int(0.9 * 4096 ** 2), 4096 ** 2, 40960)
+        (int(0.9 * 4096 ** 2), 4096 ** 2, 16 * 14336)
     assert (shipped.grad_accum_dtype, shipped.communication_dtype) == ("fp32", "fp32")
 
     ds["data_types"]["grad_accum_dtype"] = "fp64"

@@ -1,6 +1,8 @@
 """Switching adapters under real ZeRO-3 on 2 CPU ranks (mtl_scale/zero3_adapters.py): the module trace
-completes although every micro-batch switches adapters, so ZeRO-3 prefetches as in hard sharing, and
-only the active adapters' gradients are reduced. (That the trained adapters stay exactly right is
+completes although every micro-batch switches adapters, so ZeRO-3 prefetches as in hard sharing;
+only the active adapters' gradients are reduced; every LoRA matrix is whole on every rank (the "auto"
+persistence threshold) while the base stays partitioned, and the persistent parameters are gathered
+after each step in one collective. (That the trained adapters stay exactly right is
 tests/test_equivalence.py's job.)"""
 import json
 
@@ -26,3 +28,8 @@ def test_trace_completes_and_only_active_adapters_reduce(sharing, extra, tmp_pat
     assert len(micro_batches) == 4 * 4 and len({tuple(m["active"]) for m in micro_batches}) == 4  # tasks switch
     for m in micro_batches:  # every tensor of each active adapter, once; nothing of the others
         assert m["reduced"] == {name: probe["adapter_tensors"][name] for name in m["active"]}, m
+    assert probe["lora_whole"] and probe["base_partitioned"]
+    assert probe["persistent"]["lora"] == probe["lora_count"] == sum(probe["adapter_tensors"].values())
+    assert probe["persistent"]["all"] > probe["lora_count"]  # the norms too
+    # all of them, LoRA matrices of every adapter and norms, in one collective per step
+    assert probe["post_step_gathers"] == [1] * 4, probe["post_step_gathers"]

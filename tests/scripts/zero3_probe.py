@@ -5,10 +5,16 @@ Writes <output_dir>/rank<r>_zero3.json:
   trace_complete  per step: whether ZeRO-3's module trace was complete (prefetching) after it
   reduced         per micro-batch: {"active": [adapters applied], "reduced": {adapter: LoRA tensors reduced}}
   adapter_tensors {adapter: its LoRA tensors}
+  lora_whole      whether every LoRA matrix is persistent and gathered after the last step
+  base_partitioned  whether every frozen weight matrix of the LoRA layers is partitioned (not persistent)
+  persistent      ZeRO-3's persistent parameters: how many, how many of them LoRA matrices
+  post_step_gathers  per step: all-gather collectives in the optimizer's post-step
 """
 import json
 import sys
 from pathlib import Path
+
+import deepspeed.comm.comm as ds_comm
 
 from mtl_scale import adapters
 from mtl_scale.cli import run_entry
@@ -46,6 +52,25 @@ def main():
         return forward(*args, **kwargs)
     run.engine.forward = recording_forward
 
+    # The collectives of the post-step gather of persistent parameters (zero3_adapters.coalesce_persistent_gather).
+    post_step_gathers, counting = [], [False]
+    for fn in ("all_gather_into_tensor", "all_gather"):
+        def counted(*args, _fn=getattr(ds_comm.cdb, fn), **kwargs):
+            if counting[0]:
+                post_step_gathers[-1] += 1
+            return _fn(*args, **kwargs)
+        setattr(ds_comm.cdb, fn, counted)
+    post_step = optimizer._post_step
+
+    def counting_post_step(*args, **kwargs):
+        post_step_gathers.append(0)
+        counting[0] = True
+        try:
+            return post_step(*args, **kwargs)
+        finally:
+            counting[0] = False
+    optimizer._post_step = counting_post_step
+
     coordinator = optimizer.parameter_offload.get_param_coordinator()
     trace_complete = []
     run.engine.train()
@@ -55,8 +80,16 @@ def main():
                        run.coupling, step=step)
         trace_complete.append(coordinator.is_complete_trace())
     tensors = {name: len(adapters.lora_parameters(run.model, name)) for name in run.adapter_names}
+    lora = list(adapters.lora_parameters(run.model).values())
+    lora_ids = {id(p) for p in lora}
+    base = [p for layer in adapters.tuner_layers(run.model) for p in layer.base_layer.parameters() if len(p.ds_shape) >= 2]
     (Path(cfg.output_dir) / f"rank{run.rank}_zero3.json").write_text(json.dumps(
-        {"trace_complete": trace_complete, "reduced": per_micro_batch, "adapter_tensors": tensors}))
+        {"trace_complete": trace_complete, "reduced": per_micro_batch, "adapter_tensors": tensors,
+         "lora_whole": all(p.ds_persist and p.shape == p.ds_shape for p in lora),
+         "base_partitioned": bool(base) and all(not p.ds_persist and p.ds_tensor.numel() < p.ds_numel for p in base),
+         "persistent": {"all": len(optimizer.persistent_parameters),
+                        "lora": sum(id(p) in lora_ids for p in optimizer.persistent_parameters)},
+         "lora_count": len(lora), "post_step_gathers": post_step_gathers}))
 
 
 if __name__ == "__main__":
