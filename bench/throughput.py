@@ -231,6 +231,8 @@ def main() -> None:
                         help="peak dense bf16 TFLOP/s per GPU for MFU (default: by device name)")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per launch")
     parser.add_argument("--json", help="also write every launch's result, the medians and the ratios here")
+    parser.add_argument("--profile", metavar="DIR", help="cProfile rank 0 of every launch into DIR/<stack>-<sharing>-"
+                        "<n>.prof (compare two with bench/profile_diff.py); the timings then include the profiler's")
     parser.add_argument("overrides", nargs="*", help="run-config key=value for both stacks (model.path=...)")
     args = parser.parse_args()
     variants = args.variants.split(",")
@@ -245,7 +247,7 @@ def main() -> None:
     on_cuda = torch.cuda.is_available()
     dtype = ["model.dtype=bf16"] if on_cuda and not any(o.startswith("model.dtype=") for o in args.overrides) else []
     overrides = [*BASE_OVERRIDES, *dtype, *args.overrides]
-    env = {}
+    env = {"MTL_SCALE_PROFILE": str(Path(args.profile).resolve())} if args.profile else {}
     if not on_cuda and "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks share the machine's cores: the same explicit share for every stack (accelerate and
         # mtl_scale would each pick one otherwise, by different rules).

@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ class StepClock:
     def __init__(self):
         self.marks: list[tuple[float, int, int]] = []
         self._masks: list[torch.Tensor] = []
+        self.after_warmup: tuple[int, Callable[[], None]] | None = None  # (warm-up steps, called after them)
 
     def count(self, attention_mask: torch.Tensor) -> None:
         # Summed at the next mark: no host sync per micro-batch on a GPU.
@@ -52,6 +54,8 @@ class StepClock:
             tokens, sequences = tokens + int(m.sum()), sequences + m.numel()
         self._masks.clear()
         self.marks.append((now, tokens, sequences))
+        if self.after_warmup and len(self.marks) == self.after_warmup[0]:  # the timed window starts here
+            self.after_warmup[1]()
 
 
 def describe(model, sharing: str, tasks: list[str]) -> dict:
@@ -109,7 +113,8 @@ def measure_ours(cfg: RunConfig, clock: StepClock) -> tuple[dict, object]:
         reduce_stats(run, stats)  # the per-step metrics all-reduce every training step does
         clock.mark()
     info = describe(run.model, cfg.sharing, list(run.tasks))
-    info.update(zero_stage=run.engine.zero_optimization_stage(), built_under_zero_init=None)
+    info.update(zero_stage=run.engine.zero_optimization_stage(), built_under_zero_init=None,
+                persistence_threshold=run.engine.zero_param_persistence_threshold())
     return info, run.engine.device
 
 
@@ -175,7 +180,8 @@ def measure_hf(cfg: RunConfig, clock: StepClock) -> tuple[dict, object]:
     trainer.train()
     shutil.rmtree(args.output_dir, ignore_errors=True)  # nothing is saved there (save_strategy="no")
     info = describe(model, "hf", list(tasks))
-    info.update(zero_stage=trainer.model_wrapped.zero_optimization_stage(), built_under_zero_init=built_under_zero_init)
+    info.update(zero_stage=trainer.model_wrapped.zero_optimization_stage(), built_under_zero_init=built_under_zero_init,
+                persistence_threshold=trainer.model_wrapped.zero_param_persistence_threshold())
     return info, trainer.args.device
 
 
@@ -188,7 +194,19 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs/demo.yaml", args.overrides)
     clock = StepClock()
-    info, device = (measure_ours if args.stack == "ours" else measure_hf)(cfg, clock)
+    measure = measure_ours if args.stack == "ours" else measure_hf
+    profile_dir = os.environ.get("MTL_SCALE_PROFILE")  # bench/throughput.py --profile DIR
+    if profile_dir and int(os.environ.get("RANK", "0")) == 0:
+        import cProfile
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        n = len(list(Path(profile_dir).glob(f"{args.stack}-{cfg.sharing}-*.prof")))
+        profiler = cProfile.Profile()
+        clock.after_warmup = (args.warmup, profiler.enable)  # the timed steps only
+        info, device = measure(cfg, clock)
+        profiler.disable()
+        profiler.dump_stats(Path(profile_dir) / f"{args.stack}-{cfg.sharing}-{n}.prof")
+    else:
+        info, device = measure(cfg, clock)
     if len(clock.marks) != cfg.max_steps:
         raise RuntimeError(f"{args.stack}: {len(clock.marks)} optimizer steps seen, expected {cfg.max_steps}")
     w = window(clock.marks, args.warmup)

@@ -31,6 +31,8 @@ LoRA matrices whole on every rank instead, as ZeRO-3 keeps norms: never gathered
 backward, partitioned for the optimizer step and gathered after it. DeepSpeed gathers its persistent
 parameters one collective per tensor (``_allgather_params_coalesced`` launches one per parameter);
 ``coalesce_persistent_gather`` makes that one flat all-gather, the one ZeRO-3's module fetch uses.
+What stays per adapter tensor is Python: ZeRO-3 walks a leaf's submodules to list its parameters at
+each fetch and release (``cache_parameter_lists`` lists them once) and loops over them.
 """
 from __future__ import annotations
 
@@ -66,30 +68,52 @@ def matrix_sizes(model) -> tuple[list[int], list[int]]:
 
 
 def skip_inactive_reductions(optimizer, model) -> None:
-    """After ``deepspeed.initialize``: ZeRO-3 reduces a LoRA parameter's gradient only if its adapter
-    is active in its LoRA layer (see the module docstring).
+    """After ``deepspeed.initialize``: ZeRO-3's leaf hook reduces only the active adapters' gradients (see
+    the module docstring).
 
-    Wraps the optimizer's ``reduce_ready_partitions_and_remove_grads``, the one call through which
-    both DeepSpeed's per-parameter hooks and its leaf-module hook hand a gradient to ZeRO-3.
+    The hook loops over ``optimizer.leaf_parameters[layer]``, the very list it was made with. A forward
+    pre-hook on each LoRA layer narrows that list, in place, to the parameters of the adapters this
+    forward applies; the backward that follows is this forward's (gradient checkpointing re-runs the
+    same forward). Inactive adapters then get neither DeepSpeed's zero fill nor a reduction: no work
+    per inactive tensor at all.
     """
-    reduce = getattr(optimizer, "reduce_ready_partitions_and_remove_grads", None)
-    if reduce is None:
-        raise RuntimeError("this DeepSpeed version's ZeRO-3 optimizer has no reduce_ready_partitions_and_remove_grads:"
-                           " mtl_scale cannot skip inactive adapters' reductions (see zero3_adapters.py); use "
-                           "DeepSpeed 0.17-0.19")
-    owner = {id(p): (name, layer)  # LoRA parameter -> (its adapter, the LoRA layer that applies it)
-             for layer in adapters.tuner_layers(model) for matrices in (layer.lora_A, layer.lora_B)
-             for name, module in matrices.items() for p in module.parameters()}
+    leaf_parameters = getattr(optimizer, "leaf_parameters", None)
+    if leaf_parameters is None:
+        raise RuntimeError("this DeepSpeed version's ZeRO-3 optimizer has no leaf_parameters: mtl_scale cannot "
+                           "skip inactive adapters' reductions (see zero3_adapters.py); use DeepSpeed 0.17-0.19")
+    for layer in adapters.tuner_layers(model):
+        params = leaf_parameters.get(layer)
+        if params is None:
+            continue
+        adapter_of = {id(p): name for matrices in (layer.lora_A, layer.lora_B)
+                      for name, module in matrices.items() for p in module.parameters()}
+        every = tuple(params)
+        by_active: dict[tuple[str, ...], list] = {}
 
-    @functools.wraps(reduce)
-    def reduce_if_active(param):
-        name, layer = owner.get(id(param), (None, None))
-        if layer is not None and name not in layer.active_adapters:
-            param.grad = None  # ZeRO-3's zero fill: this adapter took no part in the micro-batch
-            return
-        reduce(param)
+        def narrow(module, _args, params=params, every=every, adapter_of=adapter_of, by_active=by_active):
+            active = tuple(module.active_adapters)
+            if active not in by_active:  # parameters of no adapter (none in a LoRA layer today) always stay
+                by_active[active] = [p for p in every if adapter_of.get(id(p), active[0]) in active]
+            params[:] = by_active[active]
 
-    optimizer.reduce_ready_partitions_and_remove_grads = reduce_if_active
+        layer.register_forward_pre_hook(narrow)
+
+
+def cache_parameter_lists(model) -> None:
+    """ZeRO-3 lists a leaf's parameters (``named_parameters()``: a walk over the LoRA layer's submodules,
+    dropout, A and B of every adapter) several times at each fetch and release, so K adapters cost K
+    times the walking. A LoRA layer's parameters do not change once the adapters are attached: each
+    layer answers the default call from a list taken now (any other call as before)."""
+    for layer in adapters.tuner_layers(model):
+        listed = tuple(layer.named_parameters())
+
+        def named_parameters(prefix="", recurse=True, remove_duplicate=True, listed=listed,
+                             walk=layer.named_parameters):
+            if prefix == "" and recurse and remove_duplicate:
+                return iter(listed)
+            return walk(prefix, recurse, remove_duplicate)
+
+        layer.named_parameters = named_parameters
 
 
 def coalesce_persistent_gather(optimizer) -> None:

@@ -104,7 +104,7 @@ def test_synthetic_tasks_are_exactly_max_seq_len_tokens(tmp_path, tiny_tokenizer
 def test_driver_end_to_end_both_stacks_on_zero3(tmp_path):
     out = tmp_path / "summary.json"
     res = _run([sys.executable, "bench/throughput.py", "--once", "--warmup", "1", "--steps", "2",
-                "--json", str(out)], timeout=240, env=None)
+                "--json", str(out), "--profile", str(tmp_path / "prof")], timeout=240, env=None)
     assert res.returncode == 0, res.stdout[-20000:]
     printed = {name: float(value) for name, value in re.findall(r"^RATIO (.+?) = ([\d.]+)", res.stdout, re.MULTILINE)}
     assert set(printed) == {"ours-hard/hf tokens_per_s", "ours-hard/hf step_time", "ours-soft/ours-hard step_time"}
@@ -121,3 +121,14 @@ def test_driver_end_to_end_both_stacks_on_zero3(tmp_path):
     assert ours["trainable_params"] == hf["trainable_params"] == soft["trainable_params"] // 4
     assert ours["frozen_params"] == hf["frozen_params"] and ours["threads"] == hf["threads"]
     assert ours["flops_per_token"] == pytest.approx(hf["flops_per_token"], rel=0.2)  # differs by mean length only
+    # the same DeepSpeed dict: "auto" persistence threshold = the largest LoRA matrix (down_proj's lora_A, r x 384)
+    assert ours["persistence_threshold"] == hf["persistence_threshold"] == soft["persistence_threshold"] == 16 * 384
+
+    # --profile: rank 0's timed steps of every launch, and bench/profile_diff.py on two of them
+    profiles = sorted(p.name for p in (tmp_path / "prof").iterdir())
+    assert profiles == ["hf-hard-0.prof", "ours-hard-0.prof", "ours-soft-0.prof"]
+    diff = _run([sys.executable, "bench/profile_diff.py", str(tmp_path / "prof" / "hf-hard-0.prof"),
+                 str(tmp_path / "prof" / "ours-hard-0.prof"), "--steps", "1", "--top", "400"], timeout=60, env=None)
+    assert diff.returncode == 0, diff.stdout
+    # mtl_scale's step runs only in the second profile: its calls go from 0 to one per timed step (2)
+    assert re.search(r"\s0 ->\s+2\s+/\S*mtl_scale/engine.py:\d+ optimizer_step$", diff.stdout, re.MULTILINE), diff.stdout
