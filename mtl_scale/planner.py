@@ -507,8 +507,8 @@ def estimate(shape: ModelShape, inp: PlanInputs) -> Plan:
         threshold = persistence(shape, inp)
         whole = sum(n for n in numels if n <= threshold)
         comps.append(Component("LoRA parameters", zero3_param_bytes(numels, lp, inp, threshold),
-                               f"{N:,} x {lp} B{fp32_note}, {whole / N:.0%} of them whole (persistent: at most "
-                               f"{threshold:,} elements each), the rest / W (ZeRO-3)", base_where))
+                               f"{N:,} x {lp} B{fp32_note} / W (ZeRO-3), + {whole / N:.0%} of them whole "
+                               f"(persistent: matrices of at most {threshold:,} elements)", base_where))
     else:
         comps.append(Component("LoRA parameters", N * lp, f"{N:,} x {lp} B"))
     off = inp.offload_optimizer and inp.zero_stage >= 1
