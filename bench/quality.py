@@ -19,16 +19,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from throughput import free_port  # bench/ is on sys.path when a bench script runs
+from mtl_scale.process_group import LaunchTimeout, free_port, run_group
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "bench" / "configs" / "quality.yaml"
@@ -63,17 +60,10 @@ def train(out: Path, overrides: list[str], nprocs: int, timeout: float) -> float
     print(f"  $ {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     with open(out / "train.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+            code = run_group(cmd, timeout, cwd=ROOT, log=log).returncode
+        except LaunchTimeout:
             code = f"timeout after {timeout:.0f}s"
-        finally:
-            try:  # the launcher's ranks too, whatever happened
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     seconds = round(time.perf_counter() - t0, 1)  # as stored, so a --table-only rebuild gives the same numbers
     if code != 0 or not (out / "train_summary.json").is_file():
         tail = (out / "train.log").read_text()[-6000:]

@@ -28,13 +28,12 @@ import os
 import random
 import re
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from mtl_scale.process_group import free_port, run_group
 
 ROOT = Path(__file__).resolve().parent.parent
 # The `deepspeed` launcher, as this interpreter's module: works wherever deepspeed is importable
@@ -164,32 +163,14 @@ def write_synthetic_tasks(tokenizer, out_dir: Path, n_tasks: int, n_examples: in
 # Launching
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(script: str, args: list[str], nprocs: int, timeout: float, env: dict) -> str:
-    """``deepspeed --num_gpus nprocs script args`` in its own process group, killed afterwards
-    whatever happened; the output, or an error carrying its tail."""
+    """``deepspeed --num_gpus nprocs script args``, killed afterwards whatever happened; the output, or
+    an error carrying its tail."""
     cmd = [*DEEPSPEED, "--num_gpus", str(nprocs), "--master_port", str(free_port()), script, *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise RuntimeError(f"timed out after {timeout:.0f}s: {' '.join(cmd)}\n--- output ---\n{out[-20000:]}")
-    finally:
-        try:  # the launcher's rank processes too
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if proc.returncode != 0:
-        raise RuntimeError(f"exit {proc.returncode}: {' '.join(cmd)}\n--- output ---\n{out[-20000:]}")
-    return out
+    res = run_group(cmd, timeout, env, cwd=ROOT)
+    if res.returncode != 0:
+        raise RuntimeError(f"exit {res.returncode}: {' '.join(cmd)}\n--- output ---\n{res.stdout[-20000:]}")
+    return res.stdout
 
 
 def measure_surgery(ks: list[int], steps: int, nprocs: int, timeout: float, env: dict,

@@ -36,8 +36,8 @@ def persistence_threshold(hidden_size: int, lora_sizes: Sequence[int] = (), froz
     frozen weight matrix (``frozen_sizes``), so the LoRA matrices are whole on every rank too and the base
     stays partitioned. A whole parameter is not gathered and released around each use, which is
     DeepSpeed bookkeeping per tensor: for K task adapters that would be K times hard sharing's. The
-    cost is memory (every adapter whole on every GPU: 0.6% of Llama-3-8B's weights per r=16 adapter on
-    all projections) and, after each optimizer step, one all-gather of the updated LoRA matrices
+    cost is memory (every adapter whole on every GPU: 0.6% of Llama-3-8B's layer weights per r=16 adapter
+    on all projections) and, after each optimizer step, one all-gather of the updated LoRA matrices
     (coalesced into one collective by ``zero3_adapters.coalesce_persistent_gather``).
     """
     smallest_frozen = min(frozen_sizes, default=float("inf"))

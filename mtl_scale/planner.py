@@ -12,8 +12,9 @@ LoRA parameters, b x s tokens per micro-batch):
   quantisation state: a uint8 absmax per 64 weights, an fp32 absmax per 256 blocks and two code tables
   per Linear; embeddings, norms and lm_head stay in dtype). ZeRO-3 keeps a 1/W partition of every
   parameter, and the whole of each parameter of at most stage3_param_persistence_threshold elements
-  (norms; the LoRA matrices under the "auto" threshold), which it leaves gathered after first use; ZeRO-0/1/2 keep a whole copy on
-  every GPU. The quantisation state is no nn.Parameter, so ZeRO-3 does not shard it.
+  (norms; under mtl_scale's "auto" threshold every LoRA matrix), which it leaves gathered after first
+  use; ZeRO-0/1/2 keep a whole copy on every GPU. The quantisation state is no nn.Parameter, so ZeRO-3
+  does not shard it.
 - ZeRO-3 gathered working set at the forward/backward turn: lm_head, plus the last decoder layers
   (base and every adapter: LoRA layers are ZeRO-3 leaves) and the embedding while they come back in
   backward within stage3_max_reuse_distance, plus the prefetch bucket: see zero3_kept_gathered.

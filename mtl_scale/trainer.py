@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -29,6 +28,7 @@ from mtl_scale.engine import Coupling, StepStats, Surgery, optimizer_step
 from mtl_scale.evaluate import evaluate_during_training
 from mtl_scale.loss_weighting import loss_scales
 from mtl_scale.model import load_model, load_tokenizer, resolve_model_path
+from mtl_scale.process_group import free_port
 from mtl_scale.errors import TrainingAborted, UserError
 from mtl_scale.sampling import TaskSampler
 from mtl_scale.surgery import cosine_matrix
@@ -82,7 +82,7 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
                             "see launch/slurm_srun.sbatch")
     if "RANK" not in os.environ:  # started without a launcher: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     on_gpu = get_accelerator().device_name() == "cuda"
     if not on_gpu and "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks on one machine share its cores; oversubscription makes every rank slower.
@@ -92,12 +92,6 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     if on_gpu:
         get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def lr_lambda(cfg: RunConfig):
