@@ -21,15 +21,13 @@ import dataclasses
 import json
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from mtl_scale.process_group import LaunchTimeout, free_port, run_group
+from mtl_scale.process_group import LaunchTimeout, deepspeed_command, run_group
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "bench" / "configs" / "quality.yaml"
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 # variant -> overrides of the base config. The shared adapter's runs log task-gradient cosines
 # (surgery.telemetry) so that every hard run can be analysed, not only the PCGrad ones.
@@ -55,9 +53,8 @@ def train(out: Path, overrides: list[str], nprocs: int, timeout: float) -> float
         return float(wall.read_text())
     shutil.rmtree(out, ignore_errors=True)  # a run that died half-way leaves nothing to mix in
     out.mkdir(parents=True)
-    cmd = [DEEPSPEED, "--num_gpus", str(nprocs), "--master_port", str(free_port()), "launch/train.py",
-           "--config", str(BASE_CONFIG), *overrides, f"output_dir={out}"]
-    print(f"  $ {' '.join(cmd[1:])}", flush=True)
+    cmd = deepspeed_command(nprocs, "launch/train.py", ["--config", str(BASE_CONFIG), *overrides, f"output_dir={out}"])
+    print(f"  $ {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     with open(out / "train.log", "w") as log:
         try:

@@ -29,16 +29,12 @@ import random
 import re
 import shutil
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-from mtl_scale.process_group import free_port, run_group
+from mtl_scale.process_group import deepspeed_command, run_group
 
 ROOT = Path(__file__).resolve().parent.parent
-# The `deepspeed` launcher, as this interpreter's module: works wherever deepspeed is importable
-# (a venv, or a --target install without its scripts on PATH).
-DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
 RESULT_TAG = "THROUGHPUT_RESULT"
 
 # Peak dense (no sparsity) bf16 tensor-core TFLOP/s per GPU, from the vendors' spec sheets, matched
@@ -166,7 +162,7 @@ def write_synthetic_tasks(tokenizer, out_dir: Path, n_tasks: int, n_examples: in
 def launch(script: str, args: list[str], nprocs: int, timeout: float, env: dict) -> str:
     """``deepspeed --num_gpus nprocs script args``, killed afterwards whatever happened; the output, or
     an error carrying its tail."""
-    cmd = [*DEEPSPEED, "--num_gpus", str(nprocs), "--master_port", str(free_port()), script, *args]
+    cmd = deepspeed_command(nprocs, script, args)
     res = run_group(cmd, timeout, env, cwd=ROOT)
     if res.returncode != 0:
         raise RuntimeError(f"exit {res.returncode}: {' '.join(cmd)}\n--- output ---\n{res.stdout[-20000:]}")

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -19,6 +20,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def deepspeed_command(nprocs: int, script: str, args: list[str]) -> list[str]:
+    """``deepspeed --num_gpus nprocs --master_port <free> script args``, the launcher run as this
+    interpreter's module: works wherever deepspeed is importable (a venv, or a --target install
+    without its scripts on PATH)."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs), "--master_port",
+            str(free_port()), script, *args]
 
 
 def run_group(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path | str | None = None,

@@ -10,10 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mtl_scale.process_group import free_port, run_group
+from mtl_scale.process_group import deepspeed_command, free_port, run_group
 
 ROOT = Path(__file__).resolve().parent.parent
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 
 def _run(cmd: list[str], timeout: float, env: dict | None) -> subprocess.CompletedProcess:
@@ -23,7 +22,7 @@ def _run(cmd: list[str], timeout: float, env: dict | None) -> subprocess.Complet
 def launch(script: str, args: list[str], nprocs: int = 2, timeout: float = 600, env: dict | None = None,
            check: bool = True) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus nprocs script args`` (CPU ranks here)."""
-    cmd = [DEEPSPEED, "--num_gpus", str(nprocs), "--master_port", str(free_port()), script, *args]
+    cmd = deepspeed_command(nprocs, script, args)
     res = _run(cmd, timeout, env)
     if check and res.returncode != 0:
         raise AssertionError(f"exit {res.returncode}: {' '.join(cmd)}\n--- output ---\n{res.stdout[-20000:]}")
