@@ -143,7 +143,7 @@ def setup(cfg: RunConfig) -> Run:
     if zero_stage(ds_config) == 3:
         zero3_adapters.skip_inactive_reductions(engine.optimizer, model)
         zero3_adapters.cache_parameter_lists(model)
-        zero3_adapters.coalesce_persistent_gather(engine.optimizer)
+        zero3_adapters.keep_persistent_gathered(engine.optimizer)
     sampler = TaskSampler({t: len(d.train) for t, d in tasks.items()}, cfg.sampling, cfg.seed, rank, world)
     surgery, coupling = _surgery_and_coupling(cfg, model, names, zero_stage(ds_config))
     if rank == 0:

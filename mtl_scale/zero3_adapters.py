@@ -116,34 +116,113 @@ def cache_parameter_lists(model) -> None:
         layer.named_parameters = named_parameters
 
 
-def coalesce_persistent_gather(optimizer) -> None:
-    """After ``deepspeed.initialize``: gather ZeRO-3's persistent parameters after each optimizer step in
-    one flat all-gather (``all_gather_coalesced``, as a module fetch does) instead of one per tensor.
+def keep_persistent_gathered(optimizer) -> None:
+    """After ``deepspeed.initialize``: ZeRO-3's persistent parameters stay whole through the optimizer step;
+    the trainable ones are refreshed from their updated partitions by one all-gather into the memory they
+    already have.
 
-    Wraps the optimizer's ``_post_step``, which does that gather and nothing else that depends on it.
+    ZeRO-3 frees every persistent parameter before each step (``_partition_all_parameters``: DeepSpeed's
+    bookkeeping per tensor, ~0.1 ms each on CPU, ~0.25 ms on CUDA, so K adapters cost K times) and gathers
+    all of them back after it (``_post_step``: one collective and one new tensor per parameter). The step
+    itself reads and writes only the partitions (``ds_tensor``), never a whole tensor, so neither is needed:
+    - the pre-step release leaves them alone; the frozen ones (norms) never change and are never gathered
+      again;
+    - after the step the trainable ones' partitions go into one flat all-gather, and one ``_foreach_copy_``
+      puts each parameter's pieces in place in one buffer whose views the parameters are.
+    What else frees them (checkpoint save and load, ``GatheredParameters`` when an adapter is exported)
+    does so as before and DeepSpeed gathers them back its way; the next post-step moves them into the
+    buffer again. Partitions that cannot be gathered this way (ZeRO++ quantized, hpZ secondary, a
+    communication dtype, offloaded parameters) keep DeepSpeed's own gather.
     """
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus, get_allgather_dtype
 
-    post_step = getattr(optimizer, "_post_step", None)
-    if post_step is None or not hasattr(optimizer, "persistent_parameters"):
-        raise RuntimeError("this DeepSpeed version's ZeRO-3 optimizer has no _post_step / persistent_parameters: "
-                           "mtl_scale cannot coalesce the persistent gather (see zero3_adapters.py); use "
-                           "DeepSpeed 0.17-0.19")
+    if not all(hasattr(optimizer, a) for a in ("_post_step", "_partition_all_parameters", "persistent_parameters")):
+        raise RuntimeError("this DeepSpeed version's ZeRO-3 optimizer has no _post_step / _partition_all_parameters / "
+                           "persistent_parameters: mtl_scale cannot keep persistent parameters gathered (see "
+                           "zero3_adapters.py); use DeepSpeed 0.17-0.19")
+    AVAILABLE, NOT_AVAILABLE = ZeroParamStatus.AVAILABLE, ZeroParamStatus.NOT_AVAILABLE
+    persistent = list(optimizer.persistent_parameters)
+    if not persistent or getattr(optimizer, "offload_param", False):
+        return  # offloaded partitions live on the host: DeepSpeed's path
+
+    def plain(p):
+        return (getattr(p, "ds_secondary_tensor", None) is None and not hasattr(p.ds_tensor, "ds_quant_scale")
+                and get_allgather_dtype(p, p.ds_tensor) == p.ds_tensor.dtype == p.dtype)
+
+    trainable = [p for p in persistent if p.requires_grad and plain(p)]
+    first = trainable[0] if trainable else None
+    mine = [p for p in trainable if p.ds_process_group is first.ds_process_group and p.dtype == first.dtype]
+    kept = mine + [p for p in persistent if not p.requires_grad and plain(p)]
+    kept_ids = {id(p) for p in kept}
+    theirs = [p for p in persistent if id(p) not in kept_ids]  # gathered by DeepSpeed after each step
+
+    gather_mine = _one_buffer_gather(mine) if mine else None
+    if gather_mine:
+        gather_mine()  # now: the first forward finds them whole, in the buffer
+
+    partition_all = optimizer._partition_all_parameters
+
+    def partition_all_but_kept():
+        hidden = [p for p in kept if p.ds_status is AVAILABLE]
+        for p in hidden:
+            p.ds_status = NOT_AVAILABLE  # DeepSpeed releases AVAILABLE parameters only
+        try:
+            partition_all()
+        finally:
+            for p in hidden:
+                p.ds_status = AVAILABLE
+
+    step = optimizer.step
+
+    @functools.wraps(step)
+    def step_keeping(*args, **kwargs):
+        optimizer._partition_all_parameters = partition_all_but_kept  # the step's release only, not a checkpoint's
+        try:
+            return step(*args, **kwargs)
+        finally:
+            optimizer._partition_all_parameters = partition_all
+
+    post_step = optimizer._post_step
 
     @functools.wraps(post_step)
-    def post_step_coalesced(*args, **kwargs):
-        persistent = optimizer.persistent_parameters
-        optimizer.persistent_parameters = []  # DeepSpeed's own gather skipped ...
+    def post_step_kept(*args, **kwargs):
+        optimizer.persistent_parameters = theirs
         try:
             post_step(*args, **kwargs)
         finally:
             optimizer.persistent_parameters = persistent
-        # ... and done here: the step left them partitioned. Quantized partitions keep DeepSpeed's path.
-        todo = [p for p in persistent if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-        flat = [p for p in todo if not hasattr(p.ds_tensor, "ds_quant_scale")]
-        if flat:
-            flat[0].all_gather_coalesced(flat).wait()
-        if len(flat) < len(todo):
-            todo[0].all_gather([p for p in todo if hasattr(p.ds_tensor, "ds_quant_scale")])
+        if gather_mine:
+            gather_mine()
 
-    optimizer._post_step = post_step_coalesced
+    optimizer.step = step_keeping
+    optimizer._post_step = post_step_kept
+
+
+def _one_buffer_gather(params):
+    """Make ``params`` (ZeRO-3 parameters of one process group and dtype) views of one buffer, and return
+    the call that fills it from their partitions: one all-gather and one ``_foreach_copy_``. Collective."""
+    import torch
+    from deepspeed import comm as dist
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    group = params[0].ds_process_group
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    sizes = [p.ds_tensor.ds_numel for p in params]  # partition sizes, padded alike on every rank
+    total, dtype, device = sum(sizes), params[0].dtype, params[0].ds_tensor.device
+    # Parameter-major: parameter i's block holds its `world` partitions in rank order, so its whole tensor
+    # is the block's first ds_numel elements (the rest is the last partition's padding).
+    blocks = torch.empty(world * total, dtype=dtype, device=device).split([world * n for n in sizes])
+    views = [block[:p.ds_numel].view(p.ds_shape) for block, p in zip(blocks, params)]
+    by_rank = [block.view(world, n) for block, n in zip(blocks, sizes)]
+
+    def gather():
+        gathered = torch.empty(world * total, dtype=dtype, device=device)  # rank-major, as all-gather writes
+        own = gathered.narrow(0, rank * total, total)
+        torch.cat([p.ds_tensor for p in params], out=own)
+        dist.all_gather_into_tensor(gathered, own, group=group)
+        torch._foreach_copy_(by_rank, list(gathered.view(world, total).split(sizes, dim=1)))
+        for p, view in zip(params, views):
+            p.data = view  # already so, unless a checkpoint or an export freed it since
+            p.ds_status = ZeroParamStatus.AVAILABLE
+
+    return gather

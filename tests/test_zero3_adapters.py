@@ -1,8 +1,8 @@
 """Switching adapters under real ZeRO-3 on 2 CPU ranks (mtl_scale/zero3_adapters.py): the module trace
 completes although every micro-batch switches adapters, so ZeRO-3 prefetches as in hard sharing;
 only the active adapters' gradients are reduced; every LoRA matrix is whole on every rank (the "auto"
-persistence threshold) while the base stays partitioned, and the persistent parameters are gathered
-after each step in one collective. (That the trained adapters stay exactly right is
+persistence threshold) while the base stays partitioned; the LoRA matrices stay in one buffer through
+every step, refreshed after it by one collective. (That the trained adapters stay exactly right is
 tests/test_equivalence.py's job.)"""
 import json
 
@@ -33,3 +33,5 @@ def test_trace_completes_and_only_active_adapters_reduce(sharing, extra, tmp_pat
     assert probe["persistent"]["all"] > probe["lora_count"]  # the norms too
     # all of them, LoRA matrices of every adapter and norms, in one collective per step
     assert probe["post_step_gathers"] == [1] * 4, probe["post_step_gathers"]
+    # never freed and gathered anew (zero3_adapters.keep_persistent_gathered): the same memory after every step
+    assert probe["lora_one_buffer"] and probe["lora_in_place"] == [True] * 4, probe["lora_in_place"]

@@ -9,6 +9,8 @@ Writes <output_dir>/rank<r>_zero3.json:
   base_partitioned  whether every frozen weight matrix of the LoRA layers is partitioned (not persistent)
   persistent      ZeRO-3's persistent parameters: how many, how many of them LoRA matrices
   post_step_gathers  per step: all-gather collectives in the optimizer's post-step
+  lora_in_place   per step: whether every LoRA matrix still has the memory it had before the first step
+  lora_one_buffer whether all LoRA matrices are views of one buffer
 """
 import json
 import sys
@@ -52,7 +54,7 @@ def main():
         return forward(*args, **kwargs)
     run.engine.forward = recording_forward
 
-    # The collectives of the post-step gather of persistent parameters (zero3_adapters.coalesce_persistent_gather).
+    # The collectives of the post-step gather of persistent parameters (zero3_adapters.keep_persistent_gathered).
     post_step_gathers, counting = [], [False]
     for fn in ("all_gather_into_tensor", "all_gather"):
         def counted(*args, _fn=getattr(ds_comm.cdb, fn), **kwargs):
@@ -72,15 +74,17 @@ def main():
     optimizer._post_step = counting_post_step
 
     coordinator = optimizer.parameter_offload.get_param_coordinator()
-    trace_complete = []
+    lora = list(adapters.lora_parameters(run.model).values())
+    before = [p.data_ptr() for p in lora]
+    trace_complete, in_place = [], []
     run.engine.train()
     for step in range(cfg.max_steps):
         groups = next_step_groups(run, step)
         optimizer_step(run.engine, groups, tracking_activate, step_loss_scales(run, groups), run.surgery,
                        run.coupling, step=step)
         trace_complete.append(coordinator.is_complete_trace())
+        in_place.append([p.data_ptr() for p in lora] == before)
     tensors = {name: len(adapters.lora_parameters(run.model, name)) for name in run.adapter_names}
-    lora = list(adapters.lora_parameters(run.model).values())
     lora_ids = {id(p) for p in lora}
     base = [p for layer in adapters.tuner_layers(run.model) for p in layer.base_layer.parameters() if len(p.ds_shape) >= 2]
     (Path(cfg.output_dir) / f"rank{run.rank}_zero3.json").write_text(json.dumps(
@@ -89,7 +93,8 @@ def main():
          "base_partitioned": bool(base) and all(not p.ds_persist and p.ds_tensor.numel() < p.ds_numel for p in base),
          "persistent": {"all": len(optimizer.persistent_parameters),
                         "lora": sum(id(p) in lora_ids for p in optimizer.persistent_parameters)},
-         "lora_count": len(lora), "post_step_gathers": post_step_gathers}))
+         "lora_count": len(lora), "post_step_gathers": post_step_gathers,
+         "lora_in_place": in_place, "lora_one_buffer": len({p.untyped_storage().data_ptr() for p in lora}) == 1}))
 
 
 if __name__ == "__main__":
