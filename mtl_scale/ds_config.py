@@ -38,7 +38,7 @@ def persistence_threshold(hidden_size: int, lora_sizes: Sequence[int] = (), froz
     DeepSpeed bookkeeping per tensor: for K task adapters that would be K times hard sharing's. The
     cost is memory (every adapter whole on every GPU: 0.6% of Llama-3-8B's layer weights per r=16 adapter
     on all projections) and, after each optimizer step, one all-gather of the updated LoRA matrices
-    (coalesced into one collective by ``zero3_adapters.coalesce_persistent_gather``).
+    (``zero3_adapters.keep_persistent_gathered``).
     """
     smallest_frozen = min(frozen_sizes, default=float("inf"))
     return max([10 * hidden_size, *(n for n in lora_sizes if n < smallest_frozen)])

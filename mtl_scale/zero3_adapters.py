@@ -28,11 +28,12 @@ Whole LoRA matrices. A leaf still gathers and releases every adapter's matrices 
 with DeepSpeed's bookkeeping per tensor: K adapters, K times hard sharing's (profiled in
 docs/BENCHMARKS.md). The "auto" persistence threshold (``ds_config.persistence_threshold``) keeps the
 LoRA matrices whole on every rank instead, as ZeRO-3 keeps norms: never gathered in forward or
-backward, partitioned for the optimizer step and gathered after it. DeepSpeed gathers its persistent
-parameters one collective per tensor (``_allgather_params_coalesced`` launches one per parameter);
-``coalesce_persistent_gather`` makes that one flat all-gather, the one ZeRO-3's module fetch uses.
-What stays per adapter tensor is Python: ZeRO-3 walks a leaf's submodules to list its parameters at
-each fetch and release (``cache_parameter_lists`` lists them once) and loops over them.
+backward. ZeRO-3 would still free every persistent parameter before each optimizer step and gather them
+back after it, one tensor at a time (DeepSpeed's Python per tensor, K times for K adapters, and on
+CUDA the largest part of soft sharing's extra time); ``keep_persistent_gathered`` keeps them whole
+through the step and refreshes the trainable ones with one all-gather into one buffer. What stays per
+adapter tensor is Python: ZeRO-3 walks a leaf's submodules to list its parameters at each fetch and
+release (``cache_parameter_lists`` lists them once) and loops over them.
 """
 from __future__ import annotations
 
