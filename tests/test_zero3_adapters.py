@@ -2,11 +2,14 @@
 completes although every micro-batch switches adapters, so ZeRO-3 prefetches as in hard sharing;
 only the active adapters' gradients are reduced; every LoRA matrix is whole on every rank (the "auto"
 persistence threshold) while the base stays partitioned; the LoRA matrices stay in one buffer through
-every step, refreshed after it by one collective. (That the trained adapters stay exactly right is
-tests/test_equivalence.py's job.)"""
+every step, refreshed after it by one collective, and training ends with the very adapters ZeRO-3's own
+handling of persistent parameters gives. (That the trained adapters are right against a single-process
+reference is tests/test_equivalence.py's job.)"""
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from dist import launch
 
@@ -35,3 +38,23 @@ def test_trace_completes_and_only_active_adapters_reduce(sharing, extra, tmp_pat
     assert probe["post_step_gathers"] == [1] * 4, probe["post_step_gathers"]
     # never freed and gathered anew (zero3_adapters.keep_persistent_gathered): the same memory after every step
     assert probe["lora_one_buffer"] and probe["lora_in_place"] == [True] * 4, probe["lora_in_place"]
+
+
+def _adapters(out):
+    return {p.name: load_file(p / "adapter_model.safetensors") for p in sorted((out / "adapters").iterdir())}
+
+
+def test_kept_persistent_parameters_train_as_deepspeeds_own_path(tmp_path, tiny_model_dir):
+    """bf16, a checkpoint mid-run (DeepSpeed frees and re-gathers the kept parameters its own way there):
+    bit for bit the adapters of a run without keep_persistent_gathered."""
+    args = ["configs/demo.yaml", "model.dtype=bf16", "max_steps=6", "checkpoint.every_steps=3", "micro_batch_size=4",
+            "eval.every_steps=0", "eval.max_examples=2",
+            *[f"tasks.{i}.{k}" for i in range(4) for k in ("num_examples=40", "eval_size=2")]]
+    launch("launch/train.py", ["--config", *args[:1], *args[1:], f"output_dir={tmp_path / 'kept'}"])
+    launch("tests/scripts/train_native_persistent.py", [*args, f"output_dir={tmp_path / 'native'}"])
+    kept, native = (_adapters(tmp_path / run) for run in ("kept", "native"))
+    assert kept.keys() == native.keys() and len(kept) == 4
+    for name in kept:
+        assert kept[name].keys() == native[name].keys()
+        for key in kept[name]:
+            assert torch.equal(kept[name][key], native[name][key]), f"{name} {key}"
