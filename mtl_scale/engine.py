@@ -112,9 +112,12 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], 
 def apply_surgery(surgery: Surgery, tasks: list[str], cumulative_shards: list[torch.Tensor],
                   step: int) -> SurgeryStats:
     """Per-task shards by differencing, Gram all-reduce, task weights, write-back of wᵀS."""
-    cumulative = torch.stack(cumulative_shards)          # (K, n_local)
-    shards = torch.diff(cumulative, dim=0, prepend=torch.zeros_like(cumulative[:1]))
-    gram = shards.double() @ shards.double().T           # (K, K), this rank's share of every dot product
+    shards = torch.stack(cumulative_shards)              # (K, n_local): the running sums after each task
+    for k in range(len(shards) - 1, 0, -1):              # in place, last first: task k's own is sum_k - sum_k-1
+        shards[k] -= shards[k - 1]
+    shards64 = shards.double()                           # the one float64 copy (planner.SURGERY_BYTES)
+    gram = shards64 @ shards64.T                         # (K, K), this rank's share of every dot product
+    del shards64
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(gram)
     orders = surgery_math.random_orders(len(tasks), torch.Generator().manual_seed(surgery.seed * 1_000_003 + step))

@@ -27,9 +27,9 @@ LoRA parameters, b x s tokens per micro-batch):
   (contiguous_gradients): ZeRO-3 in communication_data_type, ZeRO-1/2 in g (twice with overlap_comm).
 - task gradient shards: with surgery (or its telemetry) the engine copies this rank's fp32 shard of the
   shared adapter's gradient after each task group (sampling.tasks_per_step = K of them); K - 1 are alive
-  during the last group's backward. apply_surgery then holds about 28 K bytes per shard element (the
-  copies, their stack and differences, two float64 copies for the Gram matrix) after the backward, when
-  activations are gone: Plan.surgery_peak.
+  during the last group's backward. apply_surgery then holds about 16 K bytes per shard element (the
+  copies, their stack, turned into per-task differences in place, and one float64 copy for the Gram
+  matrix) after the backward, when activations are gone: Plan.surgery_peak.
 - activations: what autograd saves, per token per decoder layer (h hidden, i intermediate, kv = kv
   heads x head_dim, n heads), checked tensor by tensor with saved_tensors_hooks on a PEFT Llama:
     two RMSNorm inputs, upcast to fp32            2 x (4h + 4)
@@ -88,7 +88,7 @@ DS_DTYPES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32"
 OFFLOADS = ("none", "optimizer", "optimizer+params")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 CUDA_OVERHEAD = 2 * GiB  # CUDA context (~0.5-1 GiB) + NCCL communicators and their buffers: an allowance
-SURGERY_BYTES = 28  # per shard element and task in apply_surgery: 3 fp32 copies + 2 float64 ones (Gram matrix)
+SURGERY_BYTES = 16  # per shard element and task in apply_surgery: 2 fp32 copies (running sums, their stack) + 1 float64
 CHECKOUT = Path(__file__).resolve().parent.parent
 SHIPPED_MODELS = CHECKOUT / "configs" / "models"
 # Llama-style projection names: which saved tensor feeds each LoRA target (shared inputs are saved once)

@@ -13,6 +13,7 @@ import torch
 
 from mtl_scale import planner
 from mtl_scale.ds_config import persistence_threshold
+from mtl_scale.engine import Surgery, apply_surgery
 from mtl_scale.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,7 +210,7 @@ def test_hand_computed_components_for_the_tiny_model(tiny_model_dir):
 
 def test_task_gradient_shards_of_surgery(tiny_model_dir):
     """PCGrad over K = 4 task groups on the hard adapter: K - 1 fp32 shard copies through the last backward,
-    then apply_surgery's 28 B per shard element and task once the activations are freed."""
+    then apply_surgery's 16 B per shard element and task once the activations are freed."""
     shape = shape_of(tiny_model_dir)
     h, i, kv, L = 128, 384, 64, 2
     lora = 16 * L * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
@@ -219,7 +220,7 @@ def test_task_gradient_shards_of_surgery(tiny_model_dir):
     c = {x.name: x.bytes for x in result.components}
     assert c["task gradient shards"] == 3 * 4 * lora // 2
     assert result.surgery_peak == (result.gpu_total - c["activations"] - c["backward working memory"]
-                                   - c["task gradient shards"] + 28 * 4 * lora // 2)
+                                   - c["task gradient shards"] + 16 * 4 * lora // 2)
     assert result.peak == max(result.gpu_total, result.surgery_peak)
     soft = planner.estimate(shape, dataclasses.replace(inp, sharing="soft", adapter_ranks=[16] * 4))
     assert soft.surgery_peak == 0 and "task gradient shards" not in {x.name for x in soft.components}  # nothing shared
@@ -390,3 +391,16 @@ def test_quantized_base_bytes_equal_bitsandbytes(tiny_model_dir):
             state += sum(t.numel() * t.element_size() for t in (qs.absmax, qs.code, qs.state2.absmax, qs.state2.code))
     packed, qstate = planner.quantized_bytes(shape_of(tiny_model_dir), 4)
     assert (packed, qstate) == (stored, state)
+
+
+def test_surgery_bytes_are_what_apply_surgery_holds():
+    """planner.SURGERY_BYTES, measured: the peak of live tensors in apply_surgery (PCGrad, K = 4), plus the
+    caller's K running sums it is given, per shard element and task."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from memory_check import LiveTensorBytes
+    k, n = 4, 250_000
+    running = [torch.randn(n) for _ in range(k)]
+    with LiveTensorBytes() as live:
+        stats = apply_surgery(Surgery("pcgrad", params=[], seed=0), list("abcd"), running, step=0)
+    assert stats.gram.shape == (k, k)
+    assert (live.peak + k * n * 4) / (k * n) == pytest.approx(planner.SURGERY_BYTES, abs=0.05)
