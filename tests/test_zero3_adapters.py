@@ -34,7 +34,7 @@ def test_trace_completes_and_only_active_adapters_reduce(sharing, extra, tmp_pat
     assert probe["lora_whole"] and probe["base_partitioned"]
     assert probe["persistent"]["lora"] == probe["lora_count"] == sum(probe["adapter_tensors"].values())
     assert probe["persistent"]["all"] > probe["lora_count"]  # the norms too
-    # all of them, LoRA matrices of every adapter and norms, in one collective per step
+    # the LoRA matrices of every adapter in one collective per step; the frozen norms are never gathered again
     assert probe["post_step_gathers"] == [1] * 4, probe["post_step_gathers"]
     # never freed and gathered anew (zero3_adapters.keep_persistent_gathered): the same memory after every step
     assert probe["lora_one_buffer"] and probe["lora_in_place"] == [True] * 4, probe["lora_in_place"]
@@ -50,7 +50,7 @@ def test_kept_persistent_parameters_train_as_deepspeeds_own_path(tmp_path, tiny_
     args = ["configs/demo.yaml", "model.dtype=bf16", "max_steps=6", "checkpoint.every_steps=3", "micro_batch_size=4",
             "eval.every_steps=0", "eval.max_examples=2",
             *[f"tasks.{i}.{k}" for i in range(4) for k in ("num_examples=40", "eval_size=2")]]
-    launch("launch/train.py", ["--config", *args[:1], *args[1:], f"output_dir={tmp_path / 'kept'}"])
+    launch("launch/train.py", ["--config", *args, f"output_dir={tmp_path / 'kept'}"])
     launch("tests/scripts/train_native_persistent.py", [*args, f"output_dir={tmp_path / 'native'}"])
     kept, native = (_adapters(tmp_path / run) for run in ("kept", "native"))
     assert kept.keys() == native.keys() and len(kept) == 4
