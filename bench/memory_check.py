@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from mtl_scale import planner
+from mtl_scale import model_shape, plan_cli, planner
 from mtl_scale.cli import run_entry
 from mtl_scale.config import load_config
 from mtl_scale.engine import optimizer_step
@@ -206,7 +206,7 @@ def main():
 
     # shapes on the meta device, before setup: while its HfDeepSpeedConfig lives, transformers builds every
     # model under zero.Init
-    shape = planner.model_shape(*planner.load_model_config(str(model_dir)))
+    shape = model_shape.model_shape(*model_shape.load_model_config(str(model_dir)))
     baseline = {}
     real_load = trainer.load_model
     track = not ON_GPU and not args.no_track_tensors
@@ -266,7 +266,7 @@ def main():
         per_rank = [None] * run.world
         dist.all_gather_object(per_rank, measured)
 
-        inp = planner.inputs_from_config(run.cfg, shape, planner.build_parser().parse_args(
+        inp = plan_cli.inputs_from_config(run.cfg, shape, plan_cli.build_parser().parse_args(
             ["--gpus-per-node", str(run.world), "--micro-batch-size", str(b)]))
         inp = dataclasses.replace(inp, padded=False, device="cuda" if ON_GPU else "cpu")
         est = planner.estimate(shape, inp)

@@ -130,7 +130,8 @@ def measure_hf(cfg: RunConfig, clock: StepClock) -> tuple[dict, object]:
     from mtl_scale.data.prepare import prepare_tasks
     from mtl_scale.ds_config import build_ds_config, gradient_accumulation_steps
     from mtl_scale.model import DTYPES, load_tokenizer, resolve_model_path
-    from mtl_scale.planner import adapter_and_frozen_sizes, model_shape
+    from mtl_scale.model_shape import model_shape
+    from mtl_scale.planner import adapter_and_frozen_sizes
 
     if not torch.cuda.is_available():
         accelerate_deepspeed_on_cpu()

@@ -10,7 +10,7 @@ from mtl_scale.cli import run_entry
 
 
 def main():
-    from mtl_scale.planner import main as plan_main
+    from mtl_scale.plan_cli import main as plan_main
     plan_main()
 
 

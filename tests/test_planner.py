@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtl_scale import planner
+from mtl_scale import model_shape, plan_cli, planner
 from mtl_scale.ds_config import persistence_threshold
 from mtl_scale.engine import Surgery, apply_surgery
 from mtl_scale.errors import UserError
@@ -20,13 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 GiB = 2 ** 30
 
 
-def shape_of(path) -> planner.ModelShape:
-    cfg, source = planner.load_model_config(str(path))
-    return planner.model_shape(cfg, source)
+def shape_of(path) -> model_shape.ModelShape:
+    cfg, source = model_shape.load_model_config(str(path))
+    return model_shape.model_shape(cfg, source)
 
 
 def inputs(*argv: str):
-    return planner.inputs_from_args(planner.build_parser().parse_intermixed_args(list(argv)))
+    return plan_cli.inputs_from_args(plan_cli.build_parser().parse_intermixed_args(list(argv)))
 
 
 @pytest.mark.parametrize("name,total", [("llama-3.1-8b", 8_030_261_248), ("llama-3.1-70b", 70_553_706_496)])
@@ -45,7 +45,7 @@ def test_every_shipped_model_config_loads():
 
 
 def test_hub_id_falls_back_to_the_shipped_architecture():
-    cfg, source = planner.load_model_config("meta-llama/Llama-3.1-8B-Instruct")
+    cfg, source = model_shape.load_model_config("meta-llama/Llama-3.1-8B-Instruct")
     assert cfg.hidden_size == 4096 and "configs/models/llama-3.1-8b.json" in source
 
 
@@ -67,7 +67,7 @@ def test_lora_counts_equal_what_peft_creates(tiny_model_dir, sharing, argv):
     model = adapters.attach_adapters(model, lora, adapters.adapter_names(sharing, tasks), seed=0,
                                      task_r=inp.adapter_ranks[-1] if sharing == "hybrid" else None)
     peft_count = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    assert sum(planner.lora_param_counts(shape, inp.lora_targets, inp.adapter_ranks)) == peft_count
+    assert sum(model_shape.lora_param_counts(shape, inp.lora_targets, inp.adapter_ranks)) == peft_count
 
 
 def _autograd_saved_bytes(layers: int, dtype, attn: str, dropout: float = 0.0, checkpointing: bool = False,
@@ -125,12 +125,12 @@ def test_activation_formula_equals_what_autograd_saves_per_layer(dtype, attn, dr
     linears = {"self_attn.q_proj": (128, 128), "self_attn.k_proj": (128, 64), "self_attn.v_proj": (128, 64),
                "self_attn.o_proj": (128, 128), "mlp.gate_proj": (128, 352), "mlp.up_proj": (128, 352),
                "mlp.down_proj": (352, 128)}
-    shape = planner.ModelShape("test", "LlamaForCausalLM", 0, 300, 128, 352, 2, 4, 2, 32,
-                               {f"model.layers.0.{n}": io for n, io in linears.items()}, "lm_head", ("x", 1), {})
+    shape = model_shape.ModelShape("test", "LlamaForCausalLM", 0, 300, 128, 352, 2, 4, 2, 32,
+                                   {f"model.layers.0.{n}": io for n, io in linears.items()}, "lm_head", ("x", 1), {})
     inp = planner.PlanInputs(model="test", dtype="fp32" if dtype == torch.float32 else "bf16", attn_implementation=attn,
                              lora_dropout=dropout, adapter_ranks=[8], padded=False, seq_len=s, device="cpu",
                              zero_stage=3 if zero3 else 2)
-    act = planner.activation_bytes_per_token(shape, inp, planner.lora_targets(shape, inp.lora_targets))
+    act = planner.activation_bytes_per_token(shape, inp, model_shape.lora_targets(shape, inp.lora_targets))
     assert measured == b * s * (act["checkpoint"] if checkpointing else act["layer"])
 
 
@@ -290,7 +290,7 @@ def test_fits_decision_and_largest_micro_batch():
 
 
 def test_plan_from_the_shipped_8gpu_config_as_json(capsys):
-    result = planner.main(["--config", "configs/llama3_8b_8gpu.yaml", "--json"])
+    result = plan_cli.main(["--config", "configs/llama3_8b_8gpu.yaml", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] is result.fits is True
     assert out["inputs"]["gradient_checkpointing"] is True and out["inputs"]["adapter_ranks"] == [16] * 4
