@@ -17,8 +17,9 @@ gradients: one all-reduce of K² numbers. Every rank derives the same task weigh
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -69,9 +70,14 @@ class StepStats:
 
 
 def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], loss_scale: dict[str, float],
-                   surgery: Surgery | None = None, coupling: Coupling | None = None, step: int = 0) -> StepStats:
+                   surgery: Surgery | None = None, coupling: Coupling | None = None, step: int = 0,
+                   absent: Sequence[torch.nn.Parameter] = ()) -> StepStats:
     """Run the step's micro-batches (forward, backward), take per-task gradient shards, apply
     surgery, then let the last ``engine.step()`` update the parameters.
+
+    ``absent``: trainable parameters no micro-batch of this step uses (the adapters of tasks not
+    drawn); they leave the step exactly as they entered it, Adam moments included (see
+    ``keep_unchanged``).
 
     Every rank must call this with the same tasks and micro-batch counts in the same order: ZeRO-3
     gathers parameters and reduce-scatters gradients collectively at each micro-step.
@@ -99,12 +105,15 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], 
             if done < n_micro:
                 engine.step()  # not a boundary: DeepSpeed only counts the micro-step
         if surgery is not None:
+            copy_offloaded_grads(engine)  # a mid-step read needs the host copy current
             cumulative_shards.append(read_local_grads(surgery.params))
+    copy_offloaded_grads(engine)  # every adapter's, not only those of the last micro-batch
     if surgery is not None:
         stats.surgery = apply_surgery(surgery, [t for t, _ in groups], cumulative_shards, step)
     if coupling is not None:
         add_coupling_grads(coupling)
-    engine.step()  # the accumulation boundary: clip, optimizer update, zero grads
+    with keep_unchanged(engine, absent):
+        engine.step()  # the accumulation boundary: clip, optimizer update, zero grads
     stats.loss_sum = {t: float(v) for t, v in loss_sums.items()}
     return stats
 
@@ -175,3 +184,81 @@ def clear_stale_grad_partitions(engine) -> None:
     elif type(engine.optimizer).__name__ == "DeepSpeedZeroOptimizer_Stage3":
         raise RuntimeError("this DeepSpeed version's ZeRO-3 optimizer has no grad_partitions_flat_buffer: mtl_scale "
                            "cannot clear stale gradient partitions (see engine.py); use DeepSpeed 0.17-0.19")
+
+
+def copy_offloaded_grads(engine) -> None:
+    """With ``offload_optimizer``, make the host fp32 gradients (what the optimizer, the clip norm and
+    ``safe_get_local_grad`` read) equal the accumulated partitions, for every trainable parameter.
+
+    ZeRO-3 copies a partition to the host only at the accumulation boundary and only for parameters
+    reduced in the step's *last* micro-batch (``partition_grads``). A task adapter absent from that
+    micro-batch would keep the previous step's host gradient and norm, and a read between micro-batches
+    sees last step's values. DeepSpeed's unmanaged-mode finalisation copies the parameters it saw
+    reduced; given every parameter it copies them all (those of absent adapters are zero, see
+    ``clear_stale_grad_partitions``). The copy is of this rank's LoRA partitions: small.
+    """
+    optimizer = engine.optimizer
+    if not getattr(optimizer, "offload_optimizer", False):
+        return
+    if not hasattr(optimizer, "_finalize_offload_gradient_accumulation"):
+        raise RuntimeError("this DeepSpeed version's ZeRO-3 optimizer has no _finalize_offload_gradient_accumulation: "
+                           "mtl_scale cannot make offloaded gradients current (see engine.py); use DeepSpeed 0.19")
+    optimizer._offload_boundary_param_ids = {p.ds_id for group in optimizer.fp16_groups for p in group}
+    optimizer._finalize_offload_gradient_accumulation()
+
+
+@contextmanager
+def keep_unchanged(engine, params: Sequence[torch.nn.Parameter]):
+    """Within this context, the optimizer's update leaves ``params`` as they are: their fp32 master
+    values and Adam moments are restored right after the optimizer's own step, before ZeRO copies the
+    master values into the model's weights.
+
+    Why: ZeRO steps flat fp32 partitions, so a parameter with a zero gradient still moves (Adam's
+    momentum, decoupled weight decay). For a task adapter whose task was not drawn that is drift, not
+    learning. Adam's step count stays shared (one per flat partition), as in any flat-group optimizer.
+    Works on the partitions this rank owns (ZeRO-3 and ZeRO-1/2, with or without offload).
+    """
+    if not params:
+        yield
+        return
+    inner = engine.optimizer.optimizer  # the torch optimizer ZeRO drives, one flat partition at a time
+    slices = _local_master_slices(engine.optimizer, params)
+    own_step = inner.step
+
+    def step_keeping(*args, **kwargs):
+        stepping = {id(p) for group in inner.param_groups for p in group["params"]}
+        saved = []
+        for flat, start, numel in slices:
+            if id(flat) in stepping:
+                states = {k: v[start:start + numel].clone() for k, v in inner.state.get(flat, {}).items()
+                          if torch.is_tensor(v) and v.shape == flat.shape}
+                saved.append((flat, start, numel, flat.detach()[start:start + numel].clone(), states))
+        out = own_step(*args, **kwargs)
+        for flat, start, numel, value, states in saved:
+            flat.detach()[start:start + numel].copy_(value)
+            for k, v in states.items():
+                inner.state[flat][k][start:start + numel].copy_(v)
+        return out
+
+    inner.step = step_keeping
+    try:
+        yield
+    finally:
+        inner.step = own_step
+
+
+def _local_master_slices(optimizer, params) -> list[tuple[torch.Tensor, int, int]]:
+    """(flat fp32 partition, start, numel) of each parameter's piece that this rank's optimizer steps."""
+    out = []
+    for p in params:
+        if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+            group, start, numel = optimizer.grad_position[optimizer.get_param_id(p)]
+            out.append((optimizer.fp32_partitioned_groups_flat[group], start, numel))
+        elif getattr(p, "_hp_mapping", None) is not None:  # ZeRO-1/2: the piece of p in this rank's partition
+            m = p._hp_mapping
+            out.append((optimizer.single_partition_of_fp32_groups[m.param_group_index],
+                        m.hp_fragment_address.start, m.hp_fragment_address.numel))
+        elif not hasattr(p, "_hp_mapping"):
+            raise RuntimeError(f"keep_unchanged: {type(optimizer).__name__} is neither ZeRO-3 nor ZeRO-1/2; "
+                               "mtl_scale cannot locate a parameter's optimizer state")
+    return [s for s in out if s[2] > 0]

@@ -54,6 +54,8 @@ class Run:
     step: int = 0
     history: list[dict] = field(default_factory=list)
     micro_batches_seen: dict[str, int] = field(default_factory=dict)
+    adapter_params: dict[str, list] = field(default_factory=dict)
+    """Adapter name -> its trainable parameters (filled on first use)."""
     consecutive_skips: int = 0
     stop_requested: bool = False
     """Set by SIGTERM; acted on (checkpoint, exit 0) at the end of the step, on every rank together."""
@@ -194,6 +196,20 @@ def next_step_groups(run: Run, step: int):
     return groups
 
 
+def absent_parameters(run: Run, groups) -> list[torch.nn.Parameter]:
+    """The trainable parameters of adapters no task of this step uses; the step leaves them untouched.
+
+    Soft coupling is the exception: its regulariser pulls every adapter toward the mean each step,
+    so with coupling every adapter takes part in every step.
+    """
+    if run.cfg.sharing == "hard" or run.coupling is not None:
+        return []
+    if not run.adapter_params:  # named_parameters() walks the whole model: once per run, not per step
+        run.adapter_params = {n: list(adapters.lora_parameters(run.model, n).values()) for n in run.adapter_names}
+    used = {name for task, _ in groups for name in adapters.adapters_for_task(run.cfg.sharing, task)}
+    return [p for name, params in run.adapter_params.items() if name not in used for p in params]
+
+
 def step_loss_scales(run: Run, groups) -> dict[str, float]:
     """Per-task loss scales for this step (loss_weighting.py), from completion-token counts summed
     over ranks: one all-reduce of K numbers before the step's first backward."""
@@ -261,7 +277,7 @@ def train_loop(run: Run) -> None:
             t0 = time.perf_counter()
             groups = next_step_groups(run, run.step)
             stats = optimizer_step(run.engine, groups, activate, step_loss_scales(run, groups),
-                                   run.surgery, run.coupling, step=run.step)
+                                   run.surgery, run.coupling, step=run.step, absent=absent_parameters(run, groups))
             metrics = reduce_stats(run, stats)
             # DeepSpeed skips the update on every rank when the all-reduced gradient norm is not finite
             skipped = not run.engine.was_step_applied()
