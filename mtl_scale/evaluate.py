@@ -63,8 +63,12 @@ def exact_match(model, tokenizer, data: Encoded, batch_size: int, max_new_tokens
                              max_new_tokens=min(max_new_tokens, ref_len + 2), pad_token_id=pad,
                              eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus)
         outputs += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
-    hits = sum(o.strip() == r.strip() for o, r in zip(outputs, data.references))
-    return hits / max(len(outputs), 1), outputs
+    return count_hits(outputs, data.references) / max(len(outputs), 1), outputs
+
+
+def count_hits(outputs: list[str], references: list[str]) -> int:
+    """How many generations equal their reference, both stripped of surrounding whitespace."""
+    return sum(o.strip() == r.strip() for o, r in zip(outputs, references))
 
 
 @torch.no_grad()
@@ -97,7 +101,7 @@ def evaluate_during_training(model, tokenizer, tasks, eval_cfg, activate, rank: 
         total, count = loss_sums(model, shard, tokenizer.pad_token_id, eval_cfg.batch_size, device)
         _, outputs = exact_match(model, tokenizer, shard, eval_cfg.batch_size, eval_cfg.max_new_tokens, device,
                                  synced_gpus=world > 1)
-        hits = sum(o.strip() == r.strip() for o, r in list(zip(outputs, shard.references))[:real])
+        hits = count_hits(outputs[:real], shard.references[:real])
         vec = torch.tensor([total, float(count), float(hits), float(real)], dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(vec)

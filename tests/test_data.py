@@ -8,6 +8,7 @@ from mtl_scale.data.formatting import IGNORE, collate, encode, render
 from mtl_scale.data.prepare import prepare_tasks
 from mtl_scale.data.tasks import load_rows, split_rows
 from mtl_scale.errors import UserError
+from chat_templates import STYLES, chat_tokenizer, conversation
 
 
 def test_builtin_generators_are_deterministic_and_correct():
@@ -167,3 +168,32 @@ def test_gsm8k_real_data_with_column_mapping(gsm8k_path, tiny_tokenizer):
 def test_encode_no_rows(tiny_tokenizer):
     enc = encode([], "prompt_completion", tiny_tokenizer, 16)
     assert len(enc) == 0 and enc.references == []
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_chat_template_reference_is_the_assistant_content(tiny_model_dir, style):
+    tok, end_of_turn = chat_tokenizer(tiny_model_dir, style)
+    rows = [conversation("Capital of France?", "Paris"), conversation("2+2?", "four")]
+    enc = encode(rows, "chat", tok, max_seq_len=256)
+    assert [r.strip() for r in enc.references] == ["Paris", "four"]  # exact match compares stripped text
+    for ids, labels, p in zip(enc.input_ids, enc.labels, enc.prompt_lens):
+        completion = labels[p:]
+        assert completion == ids[p:] and end_of_turn in completion  # the model learns to end its turn
+        assert completion[-1] == tok.eos_token_id
+
+
+def test_bos_exactly_once(tiny_model_dir, tiny_tokenizer):
+    row = conversation("2+2?", "4")
+    bos = tiny_tokenizer.bos_token_id
+    ids = encode([row], "chat", tiny_tokenizer, 256).input_ids[0]  # no template: a plain rendering without bos
+    assert ids[0] == bos and ids.count(bos) == 1
+    ids = encode([{"prompt": "<s>repeat [a] ->", "completion": " a"}], "prompt_completion", tiny_tokenizer,
+                 64).input_ids[0]  # the text brings its own bos
+    assert ids[0] == bos and ids.count(bos) == 1
+    llama3, _ = chat_tokenizer(tiny_model_dir, "llama3")  # the template writes bos
+    ids = encode([row], "chat", llama3, 256).input_ids[0]
+    assert ids[0] == llama3.bos_token_id and ids.count(llama3.bos_token_id) == 1
+    chatml, _ = chat_tokenizer(tiny_model_dir, "chatml")  # a template without bos is rendered as it is
+    ids = encode([row], "chat", chatml, 256).input_ids[0]
+    assert ids[0] == chatml.convert_tokens_to_ids("<|im_start|>") and bos not in ids
+
