@@ -14,7 +14,7 @@ import torch
 from mtl_scale import adapters as adapters_mod
 from mtl_scale.config import RunConfig
 from mtl_scale.data.formatting import Encoded, collate, token_loss_sum
-from mtl_scale.data.prepare import prepare_tasks
+from mtl_scale.data.prepare import data_summary, prepare_tasks
 from mtl_scale.errors import UserError
 from mtl_scale.model import DTYPES, resolve_model_path, load_tokenizer
 
@@ -130,7 +130,8 @@ def evaluate_model(model, tokenizer, tasks, eval_cfg, only: list[str] | None = N
 def evaluate_run(cfg: RunConfig, adapters_dir: str | None = None, include_base: bool = True,
                  device_map: str | None = None) -> dict:
     """Evaluate the base and each adapter under ``adapters_dir`` (default ``<output_dir>/adapters``):
-    a task adapter on its own task, the shared adapter on every task."""
+    a task adapter on its own task, the shared adapter on every task. ``results["data"]`` describes
+    the held-out sets evaluated (``data_summary``: examples, drops, duplicates removed)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -141,7 +142,8 @@ def evaluate_run(cfg: RunConfig, adapters_dir: str | None = None, include_base: 
                                                 trust_remote_code=cfg.model.trust_remote_code)
     if device_map is None and torch.cuda.is_available():
         base = base.cuda()
-    results: dict = {"model": model_path, "tasks": list(tasks), "base": {}, "adapters": {}}
+    results: dict = {"model": model_path, "tasks": list(tasks), "data": data_summary(tasks), "base": {},
+                     "adapters": {}}
     if include_base:
         results["base"] = evaluate_model(base, tokenizer, tasks, cfg.eval)
     root = Path(adapters_dir or Path(cfg.output_dir) / "adapters")
