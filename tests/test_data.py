@@ -6,7 +6,7 @@ import pytest
 from mtl_scale.config import RunConfig, TaskConfig
 from mtl_scale.data import builtin
 from mtl_scale.data.formatting import IGNORE, collate, encode, render
-from mtl_scale.data.prepare import prepare_tasks
+from mtl_scale.data.prepare import data_summary, prepare_tasks
 from mtl_scale.data.tasks import load_rows, split_rows
 from mtl_scale.errors import UserError
 from chat_templates import STYLES, chat_tokenizer, conversation
@@ -213,7 +213,6 @@ def test_duplicates_are_removed_before_the_split_and_counted():
 
 
 def test_held_out_drops_and_duplicates_reach_the_data_summary(tmp_path, tiny_tokenizer, caplog):
-    from mtl_scale.data.prepare import data_summary
     rows = [{"prompt": f"q{i}" + ("?" * 40 if i % 2 else ""), "completion": " a"} for i in range(40)]
     f = tmp_path / "d.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:5]))
@@ -227,5 +226,5 @@ def test_held_out_drops_and_duplicates_reach_the_data_summary(tmp_path, tiny_tok
     assert summary == {"qa": {"train": 24 - (20 - held_long), "held_out": 16 - held_long, "truncated": 0,
                               "dropped": 20 - held_long, "held_out_truncated": 0, "held_out_dropped": held_long,
                               "duplicates_removed": 5}}
-    assert f"task qa: 5 exact duplicate rows removed" in caplog.text
+    assert "task qa: 5 exact duplicate rows removed" in caplog.text
     assert f"task qa: held-out: 0 examples truncated, {held_long} dropped" in caplog.text
