@@ -14,7 +14,7 @@ import torch
 from mtl_scale import adapters as adapters_mod
 from mtl_scale.config import RunConfig
 from mtl_scale.data.formatting import Encoded, collate, token_loss_sum
-from mtl_scale.data.prepare import prepare_tasks
+from mtl_scale.data.prepare import data_summary, prepare_tasks
 from mtl_scale.errors import UserError
 from mtl_scale.model import DTYPES, resolve_model_path, load_tokenizer
 
@@ -63,8 +63,12 @@ def exact_match(model, tokenizer, data: Encoded, batch_size: int, max_new_tokens
                              max_new_tokens=min(max_new_tokens, ref_len + 2), pad_token_id=pad,
                              eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus)
         outputs += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
-    hits = sum(o.strip() == r.strip() for o, r in zip(outputs, data.references))
-    return hits / max(len(outputs), 1), outputs
+    return count_hits(outputs, data.references) / max(len(outputs), 1), outputs
+
+
+def count_hits(outputs: list[str], references: list[str]) -> int:
+    """How many generations equal their reference, both stripped of surrounding whitespace."""
+    return sum(o.strip() == r.strip() for o, r in zip(outputs, references))
 
 
 @torch.no_grad()
@@ -97,7 +101,7 @@ def evaluate_during_training(model, tokenizer, tasks, eval_cfg, activate, rank: 
         total, count = loss_sums(model, shard, tokenizer.pad_token_id, eval_cfg.batch_size, device)
         _, outputs = exact_match(model, tokenizer, shard, eval_cfg.batch_size, eval_cfg.max_new_tokens, device,
                                  synced_gpus=world > 1)
-        hits = sum(o.strip() == r.strip() for o, r in list(zip(outputs, shard.references))[:real])
+        hits = count_hits(outputs[:real], shard.references[:real])
         vec = torch.tensor([total, float(count), float(hits), float(real)], dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(vec)
@@ -126,7 +130,8 @@ def evaluate_model(model, tokenizer, tasks, eval_cfg, only: list[str] | None = N
 def evaluate_run(cfg: RunConfig, adapters_dir: str | None = None, include_base: bool = True,
                  device_map: str | None = None) -> dict:
     """Evaluate the base and each adapter under ``adapters_dir`` (default ``<output_dir>/adapters``):
-    a task adapter on its own task, the shared adapter on every task."""
+    a task adapter on its own task, the shared adapter on every task. ``results["data"]`` describes
+    the held-out sets evaluated (``data_summary``: examples, drops, duplicates removed)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -137,7 +142,8 @@ def evaluate_run(cfg: RunConfig, adapters_dir: str | None = None, include_base: 
                                                 trust_remote_code=cfg.model.trust_remote_code)
     if device_map is None and torch.cuda.is_available():
         base = base.cuda()
-    results: dict = {"model": model_path, "tasks": list(tasks), "base": {}, "adapters": {}}
+    results: dict = {"model": model_path, "tasks": list(tasks), "data": data_summary(tasks), "base": {},
+                     "adapters": {}}
     if include_base:
         results["base"] = evaluate_model(base, tokenizer, tasks, cfg.eval)
     root = Path(adapters_dir or Path(cfg.output_dir) / "adapters")

@@ -22,7 +22,7 @@ import yaml
 from mtl_scale import adapters, checkpoint, zero3_adapters
 from mtl_scale.config import RunConfig, to_dict
 from mtl_scale.data.formatting import collate, completion_tokens
-from mtl_scale.data.prepare import TaskData, prepare_tasks
+from mtl_scale.data.prepare import TaskData, data_summary, prepare_tasks
 from mtl_scale.ds_config import build_ds_config, gradient_accumulation_steps, zero_stage
 from mtl_scale.engine import Coupling, StepStats, Surgery, optimizer_step
 from mtl_scale.evaluate import evaluate_during_training
@@ -375,8 +375,7 @@ def save_adapters(run: Run) -> Path:
         summary = {
             "steps": run.step, "world_size": run.world, "adapters": run.adapter_names,
             "final": run.history[-1] if run.history else {},
-            "data": {t: {"train": len(d.train), "held_out": len(d.held_out), "truncated": d.train.truncated,
-                         "dropped": d.train.dropped} for t, d in run.tasks.items()},
+            "data": data_summary(run.tasks),
         }
         _write_atomic(out / "train_summary.json", json.dumps(summary, indent=2))
     return out

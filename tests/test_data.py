@@ -1,13 +1,15 @@
 import json
+import logging
 
 import pytest
 
 from mtl_scale.config import RunConfig, TaskConfig
 from mtl_scale.data import builtin
 from mtl_scale.data.formatting import IGNORE, collate, encode, render
-from mtl_scale.data.prepare import prepare_tasks
+from mtl_scale.data.prepare import data_summary, prepare_tasks
 from mtl_scale.data.tasks import load_rows, split_rows
 from mtl_scale.errors import UserError
+from chat_templates import STYLES, chat_tokenizer, conversation
 
 
 def test_builtin_generators_are_deterministic_and_correct():
@@ -143,10 +145,10 @@ def test_parquet_csv_and_alpaca_json(tmp_path):
 def test_split_is_deterministic_and_disjoint():
     rows = [{"prompt": str(i), "completion": "x"} for i in range(50)]
     t = _task("x", eval_size=10, num_examples=30)
-    train, held = split_rows(rows, t, seed=0)
-    assert (len(train), len(held)) == (30, 10)
+    train, held, duplicates = split_rows(rows, t, seed=0)
+    assert (len(train), len(held), duplicates) == (30, 10, 0)
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
-    assert split_rows(rows, t, seed=0) == (train, held)
+    assert split_rows(rows, t, seed=0) == (train, held, 0)
     with pytest.raises(UserError, match="has 50 examples and eval_size=60 leaves none"):
         split_rows(rows, _task("x", eval_size=60), seed=0)
 
@@ -167,3 +169,62 @@ def test_gsm8k_real_data_with_column_mapping(gsm8k_path, tiny_tokenizer):
 def test_encode_no_rows(tiny_tokenizer):
     enc = encode([], "prompt_completion", tiny_tokenizer, 16)
     assert len(enc) == 0 and enc.references == []
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_chat_template_reference_is_the_assistant_content(tiny_model_dir, style):
+    tok, end_of_turn = chat_tokenizer(tiny_model_dir, style)
+    rows = [conversation("Capital of France?", "Paris"), conversation("2+2?", "four")]
+    enc = encode(rows, "chat", tok, max_seq_len=256)
+    assert [r.strip() for r in enc.references] == ["Paris", "four"]  # exact match compares stripped text
+    for ids, labels, p in zip(enc.input_ids, enc.labels, enc.prompt_lens):
+        completion = labels[p:]
+        assert completion == ids[p:] and end_of_turn in completion  # the model learns to end its turn
+        assert completion[-1] == tok.eos_token_id
+
+
+def test_bos_exactly_once(tiny_model_dir, tiny_tokenizer):
+    row = conversation("2+2?", "4")
+    bos = tiny_tokenizer.bos_token_id
+    ids = encode([row], "chat", tiny_tokenizer, 256).input_ids[0]  # no template: a plain rendering without bos
+    assert ids[0] == bos and ids.count(bos) == 1
+    ids = encode([{"prompt": "<s>repeat [a] ->", "completion": " a"}], "prompt_completion", tiny_tokenizer,
+                 64).input_ids[0]  # the text brings its own bos
+    assert ids[0] == bos and ids.count(bos) == 1
+    llama3, _ = chat_tokenizer(tiny_model_dir, "llama3")  # the template writes bos
+    ids = encode([row], "chat", llama3, 256).input_ids[0]
+    assert ids[0] == llama3.bos_token_id and ids.count(llama3.bos_token_id) == 1
+    chatml, _ = chat_tokenizer(tiny_model_dir, "chatml")  # a template without bos is rendered as it is
+    ids = encode([row], "chat", chatml, 256).input_ids[0]
+    assert ids[0] == chatml.convert_tokens_to_ids("<|im_start|>") and bos not in ids
+
+
+def test_duplicates_are_removed_before_the_split_and_counted():
+    rows = [{"prompt": str(i % 40), "completion": "x"} for i in range(50)]  # rows 40..49 repeat rows 0..9
+    rows.append({"prompt": "0", "completion": "y"})  # same prompt, other completion: kept
+    train, held, duplicates = split_rows(rows, _task("x", eval_size=10), seed=0)
+    assert duplicates == 10
+    pairs = lambda split: [(r["prompt"], r["completion"]) for r in split]  # noqa: E731
+    assert len(set(pairs(train))) == len(train) == 31 and len(set(pairs(held))) == 10
+    assert not set(pairs(train)) & set(pairs(held))
+    with pytest.raises(UserError, match=r"task 't' has 41 distinct examples \(10 exact duplicates removed\) and "
+                                        r"eval_size=41 leaves none"):
+        split_rows(rows, _task("x", eval_size=41), seed=0)
+
+
+def test_held_out_drops_and_duplicates_reach_the_data_summary(tmp_path, tiny_tokenizer, caplog):
+    rows = [{"prompt": f"q{i}" + ("?" * 40 if i % 2 else ""), "completion": " a"} for i in range(40)]
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:5]))
+    task = TaskConfig(name="qa", source=str(f), eval_size=16)
+    cfg = RunConfig(tasks=[task], max_seq_len=24)  # the odd rows' prompts alone fill it
+    _, held_rows, _ = split_rows(load_rows(task), task, cfg.seed)
+    held_long = sum(len(r["prompt"]) > 24 for r in held_rows)
+    assert 0 < held_long < 16
+    with caplog.at_level(logging.WARNING, logger="mtl_scale.data.prepare"):
+        summary = data_summary(prepare_tasks(cfg, tiny_tokenizer))
+    assert summary == {"qa": {"train": 24 - (20 - held_long), "held_out": 16 - held_long, "truncated": 0,
+                              "dropped": 20 - held_long, "held_out_truncated": 0, "held_out_dropped": held_long,
+                              "duplicates_removed": 5}}
+    assert "task qa: 5 exact duplicate rows removed" in caplog.text
+    assert f"task qa: held-out: 0 examples truncated, {held_long} dropped" in caplog.text

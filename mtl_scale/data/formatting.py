@@ -3,6 +3,12 @@
 Loss is taken on completion tokens only: prompt positions get label -100. The sequence is
 ``[bos] prompt completion eos``; prompt and completion are tokenised separately so the boundary
 between them is exact (no token straddles it).
+
+The exact-match reference of an example is its completion as a generation of it would read: the
+completion's tokens up to the first eos (where greedy generation stops), decoded without special
+tokens, as generations are. For a chat template that is the assistant's content without the
+template's end of turn (``<|im_end|>``, ``<|eot_id|>``), which the labels keep so the model learns
+to stop.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ def render(row: dict, fmt: str, tokenizer) -> tuple[str, str]:
 def _render_chat(messages: list[dict], tokenizer) -> tuple[str, str]:
     """The last assistant turn is the completion; everything before it (rendered with the tokenizer's
     chat template and its generation prompt) is the prompt."""
-    if getattr(tokenizer, "chat_template", None):
+    if _has_chat_template(tokenizer):
         prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(messages, tokenize=False)
         if not full.startswith(prompt):
@@ -48,6 +54,10 @@ def _render_chat(messages: list[dict], tokenizer) -> tuple[str, str]:
     return prompt, messages[-1]["content"]
 
 
+def _has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 @dataclass
 class Encoded:
     """Tokenised examples of one task split, plus what truncation did to it."""
@@ -57,7 +67,7 @@ class Encoded:
     truncated: int = 0
     dropped: int = 0
     references: list[str] = field(default_factory=list)
-    """The completion texts (exact-match references)."""
+    """The completions as exact match compares them (see the module docstring)."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -65,21 +75,21 @@ class Encoded:
 
 def encode(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, truncation: str = "truncate") -> Encoded:
     """Tokenise rows; examples longer than ``max_seq_len`` are cut at the end (``truncate``) or
-    dropped (``drop``); an example left without completion tokens is always dropped."""
+    dropped (``drop``); an example left without completion tokens is always dropped. References are
+    made from the whole completion, so a truncated example is still judged on its full answer."""
     if not rows:
         return Encoded([], [], [])
     pairs = [render(r, fmt, tokenizer) for r in rows]
-    # Chat templates write their own special tokens (bos included) into the text.
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and fmt != "chat" else []
     eos = tokenizer.eos_token_id
     # verbose=False: lengths are policed below, not by the tokenizer's model_max_length warning
     prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False, verbose=False)["input_ids"]
     completions = tokenizer([c for _, c in pairs], add_special_tokens=False, verbose=False)["input_ids"]
+    prompts = [_with_bos(p, fmt, tokenizer) for p in prompts]
+    if eos is not None:
+        completions = [c if c and c[-1] == eos else c + [eos] for c in completions]
+    references = tokenizer.batch_decode([_until_eos(c, eos) for c in completions], skip_special_tokens=True)
     out = Encoded([], [], [])
-    for (_, ref), p, c in zip(pairs, prompts, completions):
-        p = bos + p
-        if eos is not None and (not c or c[-1] != eos):
-            c = c + [eos]
+    for p, c, ref in zip(prompts, completions, references):
         if len(p) + len(c) > max_seq_len:
             if truncation == "drop" or len(p) >= max_seq_len:
                 out.dropped += 1
@@ -91,6 +101,19 @@ def encode(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, truncation: 
         out.prompt_lens.append(len(p))
         out.references.append(ref)
     return out
+
+
+def _with_bos(prompt: list[int], fmt: str, tokenizer) -> list[int]:
+    """``prompt`` led by bos once. A chat template owns its special tokens (bos or none), as in
+    ``apply_chat_template(tokenize=True)``; any other text gets bos unless it starts with its own."""
+    bos = tokenizer.bos_token_id
+    if bos is None or prompt[:1] == [bos] or (fmt == "chat" and _has_chat_template(tokenizer)):
+        return prompt
+    return [bos] + prompt
+
+
+def _until_eos(ids: list[int], eos: int | None) -> list[int]:
+    return ids[:ids.index(eos)] if eos is not None and eos in ids else ids
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

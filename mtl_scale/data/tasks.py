@@ -2,13 +2,14 @@
 columns onto the fields its format needs, and split off held-out examples.
 
     rows = load_rows(task_cfg)            # list of dicts holding the format's fields
-    train, held_out = split_rows(rows, task_cfg, seed)
+    train, held_out, duplicates_removed = split_rows(rows, task_cfg, seed)
 """
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 from mtl_scale.config import TaskConfig
 from mtl_scale.data import builtin
@@ -137,10 +138,21 @@ def _check_field(value, field: str, task: TaskConfig, where: str, i: int) -> Non
                         f"got {type(value).__name__} {str(value)[:80]!r}")
 
 
-def split_rows(rows: list[dict], task: TaskConfig, seed: int) -> tuple[list[dict], list[dict]]:
-    """Deterministically shuffle, hold out ``eval_size`` rows, cap the rest at ``num_examples``."""
+class Split(NamedTuple):
+    train: list[dict]
+    held_out: list[dict]
+    duplicates_removed: int
+    """Exact repeats of an earlier row, removed before splitting so no example is on both sides."""
+
+
+def split_rows(rows: list[dict], task: TaskConfig, seed: int) -> Split:
+    """Drop exact duplicate rows, deterministically shuffle, hold out ``eval_size`` rows, cap the rest
+    at ``num_examples``."""
+    rows, duplicates = dedupe_rows(rows)
     if len(rows) <= task.eval_size:
-        raise UserError(f"task {task.name!r} has {len(rows)} examples and eval_size={task.eval_size} leaves none "
+        distinct = f"{len(rows)} distinct examples ({duplicates} exact duplicates removed)" if duplicates else \
+            f"{len(rows)} examples"
+        raise UserError(f"task {task.name!r} has {distinct} and eval_size={task.eval_size} leaves none "
                         f"for training; lower eval_size for this task")
     order = list(range(len(rows)))
     random.Random(f"split:{task.name}:{seed}").shuffle(order)
@@ -148,4 +160,17 @@ def split_rows(rows: list[dict], task: TaskConfig, seed: int) -> tuple[list[dict
     train = [rows[i] for i in order[task.eval_size:]]
     if task.num_examples is not None:
         train = train[:task.num_examples]
-    return train, held_out
+    return Split(train, held_out, duplicates)
+
+
+def dedupe_rows(rows: list[dict]) -> tuple[list[dict], int]:
+    """The rows without exact repeats (all mapped fields equal), first occurrences kept in order, and
+    how many were removed."""
+    seen: set[str] = set()
+    kept = []
+    for row in rows:
+        key = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept, len(rows) - len(kept)
