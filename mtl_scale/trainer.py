@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mtl_scale import adapters, checkpoint, zero3_adapters
+from mtl_scale import adapters, checkpoint, shared_fs, zero3_adapters
 from mtl_scale.config import RunConfig, to_dict
 from mtl_scale.data.formatting import collate, completion_tokens
 from mtl_scale.data.prepare import TaskData, data_summary, prepare_tasks
@@ -51,6 +51,8 @@ class Run:
     hf_ds_config: object = None  # keeps transformers' ZeRO-3 integration alive for the run
     surgery: Surgery | None = None
     coupling: Coupling | None = None
+    resume_from: Path | None = None
+    """The checkpoint every rank agreed to resume from (``resume``), restored by ``train``."""
     step: int = 0
     history: list[dict] = field(default_factory=list)
     micro_batches_seen: dict[str, int] = field(default_factory=dict)
@@ -116,6 +118,10 @@ def setup(cfg: RunConfig) -> Run:
     from transformers.integrations import HfDeepSpeedConfig
 
     # Everything that can fail on bad input happens before the process group exists.
+    try:  # this rank's view only: a wrong resume is raised below, on every rank together
+        local_resume = checkpoint.resolve_resume(cfg)
+    except UserError as e:
+        local_resume = e
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     tasks = prepare_tasks(cfg, tokenizer)
@@ -123,6 +129,10 @@ def setup(cfg: RunConfig) -> Run:
                      "hidden_size", 1024)
 
     rank, world = init_distributed(cfg.dist_timeout_s)
+    # Before the heavy set-up and before anything is written or resumed: node-local output_dirs, or
+    # ranks that found different checkpoints, would otherwise diverge and hang until dist_timeout_s.
+    shared_fs.check_output_dir(cfg.output_dir, rank, world)
+    resume_from = shared_fs.agree_on_resume(cfg.resume, local_resume, rank, world)
     ds_config = build_ds_config(cfg, world, hidden)
     # Alive before from_pretrained: transformers then builds the model inside zero.Init, partitioned.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
@@ -153,7 +163,7 @@ def setup(cfg: RunConfig) -> Run:
                  world, zero_stage(ds_config), cfg.sharing, adapters.adapter_names(cfg.sharing, list(tasks)),
                  sum(getattr(p, "ds_numel", p.numel()) for p in trainable))
     return Run(cfg, rank, world, model_path, tokenizer, tasks, model, engine, sampler, ds_config, hf_ds_config,
-               surgery, coupling)
+               surgery=surgery, coupling=coupling, resume_from=resume_from)
 
 
 def _surgery_and_coupling(cfg: RunConfig, model, names: list[str], stage: int):
@@ -396,10 +406,9 @@ def finish(run: Run) -> None:
 
 
 def train(cfg: RunConfig) -> Run:
-    ckpt = checkpoint.resolve_resume(cfg)  # before the heavy set-up: a wrong resume fails fast
-    run = setup(cfg)
-    if ckpt is not None:
-        restore(run, ckpt)
+    run = setup(cfg)  # resolves resume before the heavy set-up: a wrong resume fails fast, on every rank
+    if run.resume_from is not None:
+        restore(run, run.resume_from)
     signal.signal(signal.SIGTERM, lambda *_: setattr(run, "stop_requested", True))
     train_loop(run)
     if not run.preempted:

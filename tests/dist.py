@@ -53,18 +53,23 @@ def kill_all(procs: list[subprocess.Popen]) -> None:
             pass
 
 
-def launch_two_nodes(script: str, args: list[str], timeout: float = 600,
-                     env: dict | None = None) -> list[subprocess.CompletedProcess]:
-    """Two simulated nodes of one rank each, started the way the multi-node runner starts each host."""
+def launch_two_nodes(script: str, args: list[str], timeout: float = 600, env: dict | None = None,
+                     node_args: list[list[str]] | None = None, node_env: list[dict] | None = None,
+                     check: bool = True) -> list[subprocess.CompletedProcess]:
+    """Two simulated nodes of one rank each, started the way the multi-node runner starts each host.
+    ``node_args[n]`` / ``node_env[n]`` are added for node n only (e.g. a per-node output_dir: the
+    stand-in for node-local disks at the same path). A launch past ``timeout`` raises AssertionError."""
     world = base64.urlsafe_b64encode(json.dumps({"node0": [0], "node1": [0]}).encode()).decode()
     port = free_port()
     procs = []
     for node in (0, 1):
         cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
-               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", script, *args]
+               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", script, *args,
+               *(node_args[node] if node_args else [])]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       start_new_session=True,
-                                      env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}))
+                                      env={**os.environ, **(env or {}), **(node_env[node] if node_env else {}),
+                                           "PYTHONUNBUFFERED": "1"}))
     results = []
     try:
         for p in procs:
@@ -74,7 +79,7 @@ def launch_two_nodes(script: str, args: list[str], timeout: float = 600,
         raise AssertionError(f"two-node launch timed out after {timeout}s")
     finally:
         kill_all(procs)
-    for r in results:
+    for r in results if check else []:
         if r.returncode != 0:
             raise AssertionError(f"exit {r.returncode}: {' '.join(r.args)}\n{r.stdout[-20000:]}")
     return results
