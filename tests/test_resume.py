@@ -1,6 +1,6 @@
 """Checkpoints and exact resume: a run killed mid-way and resumed ends with the same adapters as an
 uninterrupted run; incomplete checkpoints are never picked; SIGTERM checkpoints and exits 0; a tampered
-checkpoint is refused without running it."""
+checkpoint is refused without running it; a new max_steps keeps the LR schedule."""
 import json
 import shutil
 import signal
@@ -17,6 +17,7 @@ from mtl_scale import checkpoint
 from mtl_scale.config import load_config, to_dict
 from mtl_scale.errors import UserError
 from mtl_scale.process_group import run_group
+from mtl_scale.trainer import lr_lambda
 
 ARGS = ["configs/demo.yaml", "micro_batch_size=4", "sampling.tasks_per_step=3", "eval.every_steps=0",
         "eval.max_examples=2", "sharing=hybrid", "surgery.method=pcgrad", "lr=5e-3"] + \
@@ -106,6 +107,10 @@ def _train_one_rank(args: list[str]) -> tuple[int, str]:
     return res.returncode, res.stdout
 
 
+def _lrs(out) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
 @pytest.fixture(scope="module")
 def six_steps(tmp_path_factory, tiny_model_dir):
     """An uninterrupted one-rank run of 6 steps (cosine decay from step 1) with checkpoints after steps 1-5."""
@@ -166,3 +171,46 @@ def test_weights_only_load_refuses_pickled_code_and_allows_deepspeeds_classes(tm
     with pytest.raises(UserError, match=r"refused to load .*trainer_rank0.pt: Unsupported global: GLOBAL io.open"):
         checkpoint.load_weights_only(tmp_path / "trainer_rank0.pt")
     assert not marker.exists()
+
+
+def test_lr_schedule_horizon_survives_a_new_max_steps():
+    """The schedule's horizon is in LambdaLR's state_dict: loaded into a run with another max_steps, the LR
+    follows the original curve and then stays at its 10% floor."""
+    def scheduler(max_steps):
+        cfg = load_config(ROOT / "configs/demo.yaml", [f"max_steps={max_steps}", "warmup_steps=2", "lr=1.0"])
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+    def lrs(opt, sched, n):
+        out = []
+        for _ in range(n):
+            opt.step()
+            sched.step()
+            out.append(sched.get_last_lr()[0])
+        return out
+
+    opt, original = scheduler(10)
+    first = lrs(opt, original, 4)
+    state = original.state_dict()
+    rest = lrs(opt, original, 6)
+    assert rest[-1] == pytest.approx(0.1)
+    opt2, longer = scheduler(20)
+    longer.load_state_dict(state)
+    assert lrs(opt2, longer, 10) == rest + [rest[-1]] * 4
+    assert first[0] < first[1] and first[-1] > rest[0]  # warmed up, then decaying
+
+
+@pytest.mark.dist
+def test_resume_with_a_new_max_steps_keeps_the_lr_schedule(six_steps, tmp_path):
+    out = tmp_path / "longer"
+    rc, log = _train_one_rank([*ARGS, "max_steps=9", "warmup_steps=1", "checkpoint.every_steps=0",
+                               f"resume={six_steps / 'checkpoints' / 'step_00000003'}", f"output_dir={out}"])
+    assert rc == 0, log[-5000:]
+    full, resumed = _lrs(six_steps), _lrs(out)
+    assert sorted(resumed) == list(range(4, 10))
+    # steps 4-6: exactly the uninterrupted run's LRs; after its horizon, its final (floor) LR
+    assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]
+    assert [resumed[s] for s in (7, 8, 9)] == [full[6]] * 3 and full[6] == pytest.approx(0.1 * 5e-3)
+    assert full[1] > full[3] > full[5]  # the test runs on a decaying part of the curve
+    assert ("resume: max_steps is now 9, but the cosine LR schedule keeps the horizon it started with "
+            "(max_steps=6): the LR stays at its 10% floor after step 6") in log
