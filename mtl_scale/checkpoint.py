@@ -14,6 +14,7 @@ functions of (seed, step), so restoring the step restores them.
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -92,11 +93,63 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
 
 
 def load(engine, rank: int, ckpt: Path) -> dict:
-    """Restore the engine (weights, optimizer, scheduler) and return this rank's trainer state."""
-    path, _ = engine.load_checkpoint(str(ckpt), tag="engine", load_module_strict=False)
+    """Restore the engine (weights, optimizer, scheduler) and return this rank's trainer state.
+
+    Nothing is unpickled with ``weights_only=False``: a checkpoint file that holds anything but tensors,
+    plain containers and the DeepSpeed classes in ``deepspeed_safe_globals()`` is refused unrun."""
+    ds_loader = engine.checkpoint_engine
+    engine.checkpoint_engine = WeightsOnlyLoads(ds_loader)  # only for this load: saves stay DeepSpeed's own
+    try:
+        path, _ = engine.load_checkpoint(str(ckpt), tag="engine", load_module_strict=False)
+    finally:
+        engine.checkpoint_engine = ds_loader
     if path is None:
         raise UserError(f"resume: DeepSpeed found no engine state in {ckpt / 'engine'}")
     state_file = ckpt / f"trainer_rank{rank}.pt"
     if not state_file.is_file():
         raise UserError(f"resume: {state_file} is missing; was the checkpoint written with another number of ranks?")
-    return torch.load(state_file, weights_only=True)
+    return load_weights_only(state_file)
+
+
+def deepspeed_safe_globals() -> list:
+    """The classes DeepSpeed 0.19.8 pickles into a ZeRO checkpoint besides tensors and plain containers (found
+    by loading real stage-2 and stage-3 checkpoints, fp32 and bf16, with weights_only=True): the optimizer's
+    loss scaler (static; dynamic under fp16), the ZeRO stage enum and, at stage 2, the (numel, start) of each
+    parameter's slice. Unpickling rebuilds them from their saved fields or enum value without running
+    their code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: str | Path, map_location=None):
+    """``torch.load(weights_only=True)`` allowing ``deepspeed_safe_globals()``; a file holding anything else
+    (e.g. a pickled call) is refused with a UserError naming the file and what it holds."""
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch's message: "... WeightsUnpickler error: Unsupported global: GLOBAL io.open was not an
+            # allowed global by default. Please use ..." -- keep the part that says what was found.
+            why = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", str(e))
+            raise UserError(f"resume: refused to load {path}: {why.group(1) if why else e} Resume loads only "
+                            "tensors, plain containers and DeepSpeed's few checkpoint classes "
+                            "(weights_only=True), because unpickling anything else can run arbitrary code. Was "
+                            "the file modified, or written by another DeepSpeed version? Resume from a "
+                            "checkpoint you trust.") from None
+
+
+class WeightsOnlyLoads:
+    """A DeepSpeed checkpoint engine that is the engine's own, except that ``load`` unpickles with
+    ``weights_only=True`` (DeepSpeed's TorchCheckpointEngine loads with ``weights_only=False``, which runs
+    whatever a tampered file pickled)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        return load_weights_only(path, map_location)

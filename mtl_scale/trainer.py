@@ -98,18 +98,33 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def lr_lambda(cfg: RunConfig):
-    """Multiplier of ``cfg.lr`` at optimizer step s: linear warmup, then constant / cosine / linear
-    decay to 10% at ``max_steps``."""
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        if cfg.lr_schedule == "constant":
+class LrSchedule:
+    """Multiplier of ``cfg.lr`` at optimizer step s: linear warmup over ``warmup_steps``, then constant, or
+    cosine / linear decay to 10% at step ``horizon``, and 10% after it.
+
+    ``horizon`` is the ``max_steps`` of the run that started the schedule, and it stays so on resume: this is
+    a callable object rather than a closure because LambdaLR's state_dict keeps a callable object's
+    ``__dict__`` (and drops a function), so the horizon travels in DeepSpeed's checkpoint and
+    load_state_dict puts it back. A run resumed with a larger ``max_steps`` therefore continues the LR curve
+    it was on and trains its extra steps at the 10% floor; a smaller one stops before the curve's end.
+    """
+
+    def __init__(self, warmup_steps: int, schedule: str, horizon: int):
+        self.warmup_steps, self.schedule, self.horizon = warmup_steps, schedule, horizon
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.schedule == "constant":
             return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1 - progress
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.horizon - self.warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1 - progress
         return 0.1 + 0.9 * decay
-    return f
+
+
+def lr_lambda(cfg: RunConfig) -> LrSchedule:
+    """A fresh run's schedule: its horizon is ``cfg.max_steps``."""
+    return LrSchedule(cfg.warmup_steps, cfg.lr_schedule, cfg.max_steps)
 
 
 def setup(cfg: RunConfig) -> Run:
@@ -367,6 +382,12 @@ def restore(run: Run, ckpt: Path) -> None:
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng"])
+    schedule = run.engine.lr_scheduler.lr_lambdas[0]  # its horizon came back with the scheduler's state
+    if run.is_writer and schedule.schedule != "constant" and schedule.horizon != run.cfg.max_steps:
+        log.warning("resume: max_steps is now %d, but the %s LR schedule keeps the horizon it started with "
+                    "(max_steps=%d): %s", run.cfg.max_steps, schedule.schedule, schedule.horizon,
+                    f"the LR stays at its 10% floor after step {schedule.horizon}"
+                    if run.cfg.max_steps > schedule.horizon else "the run stops before the LR has decayed")
     if run.is_writer:  # drop metrics a killed run wrote after this checkpoint
         path = Path(run.cfg.output_dir) / "metrics.jsonl"
         if path.is_file():

@@ -1,7 +1,10 @@
 """Checkpoints and exact resume: a run killed mid-way and resumed ends with the same adapters as an
-uninterrupted run; incomplete checkpoints are never picked; SIGTERM checkpoints and exits 0."""
+uninterrupted run; incomplete checkpoints are never picked; SIGTERM checkpoints and exits 0; a tampered
+checkpoint is refused without running it; a new max_steps keeps the LR schedule."""
 import json
+import shutil
 import signal
+import sys
 import time
 
 import pytest
@@ -13,6 +16,8 @@ from dist import ROOT, kill_all, launch, start_srun_style
 from mtl_scale import checkpoint
 from mtl_scale.config import load_config, to_dict
 from mtl_scale.errors import UserError
+from mtl_scale.process_group import run_group
+from mtl_scale.trainer import lr_lambda
 
 ARGS = ["configs/demo.yaml", "micro_batch_size=4", "sampling.tasks_per_step=3", "eval.every_steps=0",
         "eval.max_examples=2", "sharing=hybrid", "surgery.method=pcgrad", "lr=5e-3"] + \
@@ -93,3 +98,119 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path, tiny_model_dir):
     ckpt = checkpoint.latest_complete(out)
     assert ckpt is not None and 3 <= int(ckpt.name.split("_")[1]) < 500
     assert not (out / "adapters").exists()  # not finished: only the checkpoint
+
+
+def _train_one_rank(args: list[str]) -> tuple[int, str]:
+    """``python launch/train.py --config ...``: a world of one, cheaper than two ranks when a test needs only
+    a real DeepSpeed checkpoint. Returns the exit status and the output."""
+    res = run_group([sys.executable, "launch/train.py", "--config", *args], timeout=300, cwd=ROOT)
+    return res.returncode, res.stdout
+
+
+def _lrs(out) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory, tiny_model_dir):
+    """An uninterrupted one-rank run of 6 steps (cosine decay from step 1) with checkpoints after steps 1-5."""
+    out = tmp_path_factory.mktemp("six") / "run"
+    rc, log = _train_one_rank([*ARGS, "max_steps=6", "warmup_steps=1", "checkpoint.every_steps=1",
+                               "checkpoint.keep_last=5", f"output_dir={out}"])
+    assert rc == 0, log[-5000:]
+    return out
+
+
+class _CreatesMarker:
+    """Unpickling this calls open(path, "w"): what a tampered checkpoint could run instead."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _tamper(pt_file, marker):
+    sd = torch.load(pt_file, weights_only=False)  # trusted: the fixture's run just wrote it
+    sd["extra"] = _CreatesMarker(marker)  # a key DeepSpeed ignores: a full load would go on unnoticed
+    torch.save(sd, pt_file)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("engine_file", ["zero_pp_rank_0_mp_rank_00_model_states.pt",
+                                         "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_tampered_checkpoint_is_refused_without_running_it(six_steps, tmp_path, engine_file):
+    ckpt = tmp_path / "step_00000004"
+    shutil.copytree(six_steps / "checkpoints" / ckpt.name, ckpt)
+    marker = tmp_path / "pwned"
+    _tamper(ckpt / "engine" / engine_file, marker)
+    rc, log = _train_one_rank([*ARGS, "max_steps=6", "warmup_steps=1", f"resume={ckpt}",
+                               f"output_dir={tmp_path / 'run'}"])
+    assert not marker.exists(), "resume ran code pickled in the checkpoint"
+    assert rc == 2, log[-5000:]
+    assert (f"mtl_scale: error: resume: refused to load {ckpt / 'engine' / engine_file}: Unsupported global: "
+            "GLOBAL io.open was not an allowed global by default.") in log, log[-5000:]
+    assert "can run arbitrary code" in log and "Traceback" not in log, log[-5000:]
+
+
+def test_weights_only_load_refuses_pickled_code_and_allows_deepspeeds_classes(tmp_path):
+    """What resume loads every file with (the per-rank trainer state too)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    good = {"loss_scaler": DynamicLossScaler(2.0 ** 16, 1000, 1, 2, False), "zero_stage": ZeroStageEnum.gradients,
+            "slices": {"w": fragment_address(numel=4, start=8)}, "step": torch.tensor(3)}
+    torch.save(good, tmp_path / "good.pt")
+    back = checkpoint.load_weights_only(tmp_path / "good.pt")
+    assert back["loss_scaler"].cur_scale == 2.0 ** 16 and back["zero_stage"] is ZeroStageEnum.gradients
+    assert back["slices"]["w"] == fragment_address(numel=4, start=8)
+    marker = tmp_path / "pwned"
+    torch.save({"step": 3, "sampler": _CreatesMarker(marker)}, tmp_path / "trainer_rank0.pt")
+    with pytest.raises(UserError, match=r"refused to load .*trainer_rank0.pt: Unsupported global: GLOBAL io.open"):
+        checkpoint.load_weights_only(tmp_path / "trainer_rank0.pt")
+    assert not marker.exists()
+
+
+def test_lr_schedule_horizon_survives_a_new_max_steps():
+    """The schedule's horizon is in LambdaLR's state_dict: loaded into a run with another max_steps, the LR
+    follows the original curve and then stays at its 10% floor."""
+    def scheduler(max_steps):
+        cfg = load_config(ROOT / "configs/demo.yaml", [f"max_steps={max_steps}", "warmup_steps=2", "lr=1.0"])
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+    def lrs(opt, sched, n):
+        out = []
+        for _ in range(n):
+            opt.step()
+            sched.step()
+            out.append(sched.get_last_lr()[0])
+        return out
+
+    opt, original = scheduler(10)
+    first = lrs(opt, original, 4)
+    state = original.state_dict()
+    rest = lrs(opt, original, 6)
+    assert rest[-1] == pytest.approx(0.1)
+    opt2, longer = scheduler(20)
+    longer.load_state_dict(state)
+    assert lrs(opt2, longer, 10) == rest + [rest[-1]] * 4
+    assert first[0] < first[1] and first[-1] > rest[0]  # warmed up, then decaying
+
+
+@pytest.mark.dist
+def test_resume_with_a_new_max_steps_keeps_the_lr_schedule(six_steps, tmp_path):
+    out = tmp_path / "longer"
+    rc, log = _train_one_rank([*ARGS, "max_steps=9", "warmup_steps=1", "checkpoint.every_steps=0",
+                               f"resume={six_steps / 'checkpoints' / 'step_00000003'}", f"output_dir={out}"])
+    assert rc == 0, log[-5000:]
+    full, resumed = _lrs(six_steps), _lrs(out)
+    assert sorted(resumed) == list(range(4, 10))
+    # steps 4-6: exactly the uninterrupted run's LRs; after its horizon, its final (floor) LR
+    assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]
+    assert [resumed[s] for s in (7, 8, 9)] == [full[6]] * 3 and full[6] == pytest.approx(0.1 * 5e-3)
+    assert full[1] > full[3] > full[5]  # the test runs on a decaying part of the curve
+    assert ("resume: max_steps is now 9, but the cosine LR schedule keeps the horizon it started with "
+            "(max_steps=6): the LR stays at its 10% floor after step 6") in log
