@@ -93,7 +93,26 @@ def build_ds_config(cfg: RunConfig, world_size: int, hidden_size: int, lora_size
     if "optimizer" in ds:
         # Torch and DeepSpeed optimizers other than DeepSpeed's own Adam variants need this under ZeRO.
         ds.setdefault("zero_allow_untested_optimizer", True)
+    _check_offload(ds, cfg, path)
     return ds
+
+
+def _check_offload(ds: dict, cfg: RunConfig, path: Path) -> None:
+    """Optimizer offload with per-task adapters is exact only where engine.copy_offloaded_grads makes the host
+    gradients complete: ZeRO-3 offloading to CPU (checked against the single-process reference). ZeRO-1/2's
+    offload copies, like ZeRO-3's, only the gradients reduced in a step's last micro-batch, and measured on
+    2 ranks its soft adapters drift from the reference; NVMe offload is untested."""
+    device = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    if device in ("none", None) or cfg.sharing == "hard":
+        return
+    if zero_stage(ds) != 3:
+        raise UserError(f"{path}: offload_optimizer with sharing={cfg.sharing} needs ZeRO stage 3 (this file has "
+                        f"stage {zero_stage(ds)}): at stages 1-2 DeepSpeed would step adapters absent from a step's "
+                        "last micro-batch with stale gradients. Use ds_configs/zero3.json with offload_optimizer, "
+                        "sharing=hard, or no offload")
+    if device != "cpu":
+        raise UserError(f"{path}: offload_optimizer.device={device!r} with sharing={cfg.sharing} is not supported "
+                        "(only \"cpu\" is checked exact for per-task adapters); use \"cpu\" or sharing=hard")
 
 
 def zero_stage(ds: dict) -> int:

@@ -1,8 +1,11 @@
+import json
+import re
 from pathlib import Path
 
 import pytest
 
 from mtl_scale.config import ConfigError, RunConfig, load_config, valid_keys
+from mtl_scale.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "bench" / "configs").glob("*.yaml"))
@@ -90,3 +93,35 @@ def test_structural_errors(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(_yaml(tmp_path, "tasks: [unclosed\n"))
+
+
+
+@pytest.mark.parametrize("stage,device,sharing,message", [
+    (2, "cpu", "soft", "needs ZeRO stage 3"),
+    (1, "cpu", "hybrid", "needs ZeRO stage 3"),
+    (3, "nvme", "soft", "offload_optimizer.device='nvme' with sharing=soft is not supported"),
+])
+def test_offload_with_task_adapters_refused_where_not_exact(tmp_path, stage, device, sharing, message):
+    from mtl_scale.ds_config import build_ds_config
+
+    ds = json.loads((ROOT / "ds_configs" / f"zero{3 if stage == 3 else 2}.json").read_text())
+    ds["zero_optimization"].update(stage=stage, offload_optimizer={"device": device})
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(UserError, match=re.escape(message)) as e:
+        build_ds_config(load_config("configs/demo.yaml", [f"sharing={sharing}", f"deepspeed_config={path}"]), 2, 128)
+    assert str(path) in str(e.value)
+    # one shared adapter gets a gradient in every micro-batch: offload is exact for it at any stage
+    hard = build_ds_config(load_config("configs/demo.yaml", ["sharing=hard", f"deepspeed_config={path}"]), 2, 128)
+    assert hard["zero_optimization"]["offload_optimizer"] == {"device": device}
+
+
+def test_zero3_cpu_offload_with_soft_adapters_builds(tmp_path):
+    from mtl_scale.ds_config import build_ds_config
+
+    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    built = build_ds_config(load_config("configs/demo.yaml", ["sharing=soft", f"deepspeed_config={tmp_path / 'ds.json'}"]),
+                            2, 128)
+    assert built["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
