@@ -1,8 +1,8 @@
 """Held-out evaluation: per-task loss and greedy-generation exact match, for the base model and
 for trained adapters loaded from disk with stock PEFT (so it also proves the saved adapters work).
 
-One process, plain transformers + PEFT (no DeepSpeed): pass ``device_map=auto`` on a GPU box to
-spread a large base over its GPUs.
+One process, plain transformers + PEFT (no DeepSpeed); on a CUDA box the base is spread over the
+visible GPUs (``device_map="auto"``) unless told otherwise.
 
 Held-out loss never materialises the logits of a whole batch: the decoder runs once for hidden
 states, then the output head and an fp32 cross-entropy run on at most ``eval.loss_chunk_tokens``
@@ -24,7 +24,7 @@ from mtl_scale.config import RunConfig
 from mtl_scale.data.formatting import IGNORE, Encoded, collate, token_loss_sum
 from mtl_scale.data.prepare import prepare_tasks
 from mtl_scale.errors import UserError
-from mtl_scale.model import DTYPES, resolve_model_path, load_tokenizer
+from mtl_scale.model import DTYPES, resolve_device_map, resolve_model_path, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -250,15 +250,17 @@ def evaluate_model(model, tokenizer, tasks, eval_cfg, only: list[str] | None = N
 
 
 def evaluate_run(cfg: RunConfig, adapters_dir: str | None = None, include_base: bool = True,
-                 device_map: str | None = None) -> dict:
+                 device_map: str | None = "auto") -> dict:
     """Evaluate the base and each adapter under ``adapters_dir`` (default ``<output_dir>/adapters``):
-    a task adapter on its own task, the shared adapter on every task."""
+    a task adapter on its own task, the shared adapter on every task. ``device_map``: see
+    :func:`mtl_scale.model.resolve_device_map` (``none``: the whole base on one GPU, if any)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     tasks = prepare_tasks(cfg, tokenizer)
+    device_map = resolve_device_map(device_map)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[cfg.model.dtype], device_map=device_map,
                                                 trust_remote_code=cfg.model.trust_remote_code)
     if device_map is None and torch.cuda.is_available():
