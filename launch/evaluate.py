@@ -5,6 +5,11 @@
 
 Prints a table (per task: loss and greedy exact match, base vs adapter) and writes JSON
 (default <output_dir>/eval.json).
+
+Large bases: with CUDA, the base is spread over all visible GPUs (device_map "auto", accelerate)
+by default; --no-device-map (or --device-map none) loads it whole onto one GPU instead. Held-out
+loss takes the output head's logits in chunks of eval.loss_chunk_tokens completion positions
+(eval.loss_chunk_tokens=0: full logits per batch).
 """
 import argparse
 from pathlib import Path
@@ -19,7 +24,11 @@ def main():
     parser.add_argument("--adapters", help="directory holding one adapter per subdirectory")
     parser.add_argument("--json", help="where to write the results (default <output_dir>/eval.json)")
     parser.add_argument("--no-base", action="store_true", help="skip evaluating the base model")
-    parser.add_argument("--device-map", help="e.g. auto, to spread a large base over GPUs")
+    parser.add_argument("--device-map", default="auto",
+                        help="from_pretrained device_map for the base (default auto: spread over all visible "
+                             "GPUs when CUDA is available, a plain CPU model otherwise; e.g. cuda:0, cpu)")
+    parser.add_argument("--no-device-map", dest="device_map", action="store_const", const="none",
+                        help="no device map: load the whole base onto one GPU (cuda:0), or CPU without CUDA")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. eval.batch_size=8")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)

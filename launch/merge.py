@@ -7,6 +7,10 @@
 Writes <run>/merged/: adapters/<method>/ (standard PEFT), full_model/ (sharded safetensors + tokenizer,
 loadable by stock transformers), merge_report.md and merge_report.json (per-task exact match and
 loss for base, own adapter and each merge, with retention), and prints the retention table.
+
+Memory: one copy of the base is loaded, every evaluation runs on it, and the chosen adapter is folded
+into it in place at the end (the full checkpoint needs no second base). With CUDA the base is spread
+over all visible GPUs (device_map "auto") by default; --no-device-map keeps it on the CPU.
 """
 import argparse
 
@@ -26,12 +30,17 @@ def main():
     parser.add_argument("--max-shard-size", default="5GB")
     parser.add_argument("--eval-examples", type=int, help="held-out examples per task (default: the run's)")
     parser.add_argument("--out", help="output directory (default <run>/merged)")
+    parser.add_argument("--device-map", default="auto",
+                        help="from_pretrained device_map for the base (default auto: spread over all visible "
+                             "GPUs when CUDA is available, a plain CPU model otherwise; e.g. cuda:0, cpu)")
+    parser.add_argument("--no-device-map", dest="device_map", action="store_const", const="none",
+                        help="no device map: load the whole base onto the CPU, unplaced")
     args = parser.parse_args()
 
     from mtl_scale.merge import merge_run, retention_table
     report = merge_run(args.run, args.method, args.weights, args.density, args.svd_rank,
                        None if args.full_model == "none" else args.full_model, args.max_shard_size,
-                       args.eval_examples, args.out)
+                       args.eval_examples, args.out, args.device_map)
     if report["merged"]:
         print(retention_table(report))
     if "best" in report:

@@ -157,6 +157,9 @@ class EvalConfig:
     """Upper bound on generated tokens for exact match (the reference length + 2 if shorter)."""
     batch_size: int = 32
     """Examples per generation batch."""
+    loss_chunk_tokens: int = 1024
+    """Held-out loss: completion positions per output-head chunk, whose fp32 logits (4 B x vocab each,
+    0.5 GB at a 128k vocab) are the eval's largest tensor; 0 takes the full logits of each batch."""
 
 
 @dataclass
@@ -355,7 +358,7 @@ def validate(cfg: RunConfig, where: str = "<config>") -> None:
                 "hybrid.task_r"):
         _positive(where, key, _get(cfg, key))
     for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval.max_new_tokens", "eval.every_steps",
-                "eval.max_examples", "soft.coupling", "checkpoint.every_steps"):
+                "eval.max_examples", "eval.loss_chunk_tokens", "soft.coupling", "checkpoint.every_steps"):
         _positive(where, key, _get(cfg, key), zero_ok=True)
     if not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"{where}: lora.dropout must be in [0, 1), got {cfg.lora.dropout}")

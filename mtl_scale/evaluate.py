@@ -1,41 +1,160 @@
 """Held-out evaluation: per-task loss and greedy-generation exact match, for the base model and
 for trained adapters loaded from disk with stock PEFT (so it also proves the saved adapters work).
 
-One process, plain transformers + PEFT (no DeepSpeed): pass ``device_map=auto`` on a GPU box to
-spread a large base over its GPUs.
+One process, plain transformers + PEFT (no DeepSpeed); on a CUDA box the base is spread over the
+visible GPUs (``device_map="auto"``) unless told otherwise.
+
+Held-out loss never materialises the logits of a whole batch: the decoder runs once for hidden
+states, then the output head and an fp32 cross-entropy run on at most ``eval.loss_chunk_tokens``
+*completion* positions at a time (prompt positions need no logits). Full fp32 logits of a 32 x 2048
+batch over a 128k vocabulary would be 34 GB, and their log-softmax as much again.
 """
 from __future__ import annotations
 
 import json
+import logging
+import math
+import weakref
 from pathlib import Path
 
 import torch
 
 from mtl_scale import adapters as adapters_mod
 from mtl_scale.config import RunConfig
-from mtl_scale.data.formatting import Encoded, collate, token_loss_sum
+from mtl_scale.data.formatting import IGNORE, Encoded, collate, token_loss_sum
 from mtl_scale.data.prepare import data_summary, prepare_tasks
 from mtl_scale.errors import UserError
-from mtl_scale.model import DTYPES, resolve_model_path, load_tokenizer
+from mtl_scale.model import DTYPES, resolve_device_map, resolve_model_path, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class ChunkedHead:
+    """A causal LM split as ``logits = transform(head(decoder(...).last_hidden_state))``.
+
+    ``transform`` re-applies what the model's own forward does to the head's output, from its config:
+    ``logit_scale`` (Cohere: multiplied), ``logits_scaling`` (Granite: divided),
+    ``final_logit_softcapping`` (Gemma 2/3: cap * tanh(x / cap)). Calling the decoder and head modules
+    directly works for a PeftModel (LoRA layers sit inside them), under accelerate's device map, and
+    under ZeRO-3, whose module hooks gather a submodule's partitioned parameters when it is called.
+    """
+
+    def __init__(self, decoder, head, config):
+        self.decoder, self.head = decoder, head
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.scale = getattr(config, "logit_scale", None)
+        self.divisor = getattr(config, "logits_scaling", None)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    def hidden(self, input_ids, attention_mask) -> torch.Tensor:
+        # use_cache=False: a KV cache of the whole batch would be kept for nothing
+        return self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of hidden states (..., H) -> (..., V)."""
+        x = self.head(hidden).float()  # fp32 softmax: bf16 logits lose the small probabilities
+        if self.scale is not None:
+            x = x * self.scale
+        if self.divisor is not None:
+            x = x / self.divisor
+        if self.softcap is not None:
+            x = torch.tanh(x / self.softcap) * self.softcap
+        return x
+
+
+_chunked_heads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 @torch.no_grad()
-def loss_sums(model, data: Encoded, pad_id: int, batch_size: int, device=None) -> tuple[float, int]:
-    """Summed completion-token NLL over the examples, and the token count."""
+def chunked_head(model) -> tuple[ChunkedHead | None, str]:
+    """The model split into decoder and output head, or None and why it cannot be (then the loss
+    takes the full logits). Decided once per model by comparing, on an 8-token probe that is the same
+    on every rank (so every ZeRO-3 rank takes the same path), the split's logits with the model's own:
+    a forward that changes logits in a way the config does not say is caught, not trusted."""
+    if model not in _chunked_heads:
+        split, reason = _split(model)
+        if split is None:
+            log.warning("held-out loss takes the full logits of each batch (no chunking): %s", reason)
+        _chunked_heads[model] = split, reason
+    return _chunked_heads[model]
+
+
+def _split(model) -> tuple[ChunkedHead | None, str]:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT: the CausalLM
+    name = type(inner).__name__
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if decoder is None or decoder is inner or head is None:
+        return None, f"{name} has no separate decoder and output head"
+    split = ChunkedHead(decoder, head, inner.config)
+    ids = torch.arange(8, device=next(model.parameters()).device).unsqueeze(0)
+    mask = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()  # dropout would make the two paths differ
+    try:
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        ours = split.logits(split.hidden(ids, mask)).to(full.device)
+    except (AttributeError, TypeError) as e:  # e.g. a decoder whose output has no last_hidden_state
+        return None, f"calling {name}'s decoder and head alone failed ({e})"
+    finally:
+        model.train(was_training)
+    gap = float((ours - full).abs().max())
+    # bf16 rounds the two paths' logits differently; a real quirk (x 0.0625, a softcap) is far larger
+    if gap > 1e-2 * float(full.abs().max()) + 1e-4:
+        return None, (f"{name}'s forward changes the logits beyond its output head (max difference {gap:.3g} "
+                      "on a probe) in a way its config does not declare (handled: logit_scale, logits_scaling, "
+                      "final_logit_softcapping)")
+    return split, ""
+
+
+def head_calls(data: Encoded, batch_size: int, chunk_tokens: int) -> list[int]:
+    """Per batch of ``data``, how many output-head chunks its completion positions need."""
+    out = []
+    for i in range(0, len(data), batch_size):
+        n = sum(sum(t != IGNORE for t in lab[1:]) for lab in data.labels[i:i + batch_size])
+        out.append(math.ceil(n / chunk_tokens))
+    return out
+
+
+@torch.no_grad()
+def loss_sums(model, data: Encoded, pad_id: int, batch_size: int, device=None, chunk_tokens: int = 0,
+              min_head_calls: list[int] | None = None) -> tuple[float, int]:
+    """Summed completion-token NLL over the examples, and the token count.
+
+    ``chunk_tokens`` > 0: hidden states once per batch, then head + fp32 cross-entropy over at most
+    that many completion positions at a time (see :func:`chunked_head`; 0: full logits).
+    ``min_head_calls``: per batch, call the head at least this often (with empty chunks if need be):
+    under ZeRO-3 each call all-gathers the head's weight, so every rank must make as many calls.
+    """
     total, count = 0.0, 0
     device = device or next(model.parameters()).device
-    for i in range(0, len(data), batch_size):
+    split = chunked_head(model)[0] if chunk_tokens > 0 else None
+    for b, i in enumerate(range(0, len(data), batch_size)):
         batch = collate(list(zip(data.input_ids[i:i + batch_size], data.labels[i:i + batch_size])), pad_id)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        s, n = token_loss_sum(logits, batch["labels"].to(device))
-        total, count = total + float(s), count + int(n)
+        input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        if split is None:
+            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+            s, n = token_loss_sum(logits, batch["labels"].to(logits.device))
+            total, count = total + float(s), count + int(n)
+            continue
+        hidden = split.hidden(input_ids, mask)  # (B, T, H)
+        labels = batch["labels"][:, 1:].to(hidden.device)  # position t predicts token t + 1
+        keep = labels != IGNORE
+        hidden, labels = hidden[:, :-1][keep], labels[keep]  # (N, H), (N,): completion positions only
+        calls = max(math.ceil(len(labels) / chunk_tokens), min_head_calls[b] if min_head_calls else 0)
+        for c in range(calls):
+            part = slice(c * chunk_tokens, (c + 1) * chunk_tokens)
+            logits = split.logits(hidden[part])  # (<= chunk_tokens, V) fp32
+            total += float(torch.nn.functional.cross_entropy(logits, labels[part].to(logits.device),
+                                                             reduction="sum"))
+        count += len(labels)
     return total, count
 
 
-def task_loss(model, data: Encoded, pad_id: int, batch_size: int) -> float:
+def task_loss(model, data: Encoded, pad_id: int, batch_size: int, chunk_tokens: int = 0) -> float:
     """Mean completion-token NLL over the examples (token-weighted)."""
-    total, count = loss_sums(model, data, pad_id, batch_size)
+    total, count = loss_sums(model, data, pad_id, batch_size, chunk_tokens=chunk_tokens)
     return total / max(count, 1)
-
 
 @torch.no_grad()
 def exact_match(model, tokenizer, data: Encoded, batch_size: int, max_new_tokens: int, device=None,
@@ -98,7 +217,13 @@ def evaluate_during_training(model, tokenizer, tasks, eval_cfg, activate, rank: 
         shard = replace(data, input_ids=[data.input_ids[i] for i in idx],
                         labels=[data.labels[i] if j < real else [-100] * len(data.labels[i]) for j, i in enumerate(idx)],
                         prompt_lens=[data.prompt_lens[i] for i in idx], references=[data.references[i] for i in idx])
-        total, count = loss_sums(model, shard, tokenizer.pad_token_id, eval_cfg.batch_size, device)
+        chunk = eval_cfg.loss_chunk_tokens
+        calls = head_calls(shard, eval_cfg.batch_size, chunk) if chunk > 0 else None
+        if calls and world > 1:  # the most any rank needs, per batch: one small all-reduce per task
+            t = torch.tensor(calls, dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            calls = [int(c) for c in t.tolist()]
+        total, count = loss_sums(model, shard, tokenizer.pad_token_id, eval_cfg.batch_size, device, chunk, calls)
         _, outputs = exact_match(model, tokenizer, shard, eval_cfg.batch_size, eval_cfg.max_new_tokens, device,
                                  synced_gpus=world > 1)
         hits = count_hits(outputs[:real], shard.references[:real])
@@ -122,22 +247,25 @@ def evaluate_model(model, tokenizer, tasks, eval_cfg, only: list[str] | None = N
         if len(data) == 0:
             continue
         em, _ = exact_match(model, tokenizer, data, eval_cfg.batch_size, eval_cfg.max_new_tokens)
-        out[name] = {"loss": task_loss(model, data, tokenizer.pad_token_id, eval_cfg.batch_size),
+        out[name] = {"loss": task_loss(model, data, tokenizer.pad_token_id, eval_cfg.batch_size,
+                                       eval_cfg.loss_chunk_tokens),
                      "exact_match": em, "n": len(data)}
     return out
 
 
 def evaluate_run(cfg: RunConfig, adapters_dir: str | None = None, include_base: bool = True,
-                 device_map: str | None = None) -> dict:
+                 device_map: str | None = "auto") -> dict:
     """Evaluate the base and each adapter under ``adapters_dir`` (default ``<output_dir>/adapters``):
     a task adapter on its own task, the shared adapter on every task. ``results["data"]`` describes
-    the held-out sets evaluated (``data_summary``: examples, drops, duplicates removed)."""
+    the held-out sets evaluated (``data_summary``: examples, drops, duplicates removed). ``device_map``: see
+    :func:`mtl_scale.model.resolve_device_map` (``none``: the whole base on one GPU, if any)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     tasks = prepare_tasks(cfg, tokenizer)
+    device_map = resolve_device_map(device_map)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[cfg.model.dtype], device_map=device_map,
                                                 trust_remote_code=cfg.model.trust_remote_code)
     if device_map is None and torch.cuda.is_available():

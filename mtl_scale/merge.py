@@ -25,7 +25,7 @@ from mtl_scale.config import load_config
 from mtl_scale.data.prepare import prepare_tasks
 from mtl_scale.errors import UserError
 from mtl_scale.evaluate import evaluate_model
-from mtl_scale.model import DTYPES, load_tokenizer, resolve_model_path
+from mtl_scale.model import DTYPES, load_tokenizer, resolve_device_map, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ def check_mergeable(configs: dict[str, dict], method: str) -> None:
             raise UserError(f"adapter {name!r} uses DoRA or modules_to_save, which add_weighted_adapter cannot merge")
 
 
-def load_base(path: str, dtype: str, trust_remote_code: bool = False):
+def load_base(path: str, dtype: str, trust_remote_code: bool = False, device_map: str | None = "auto"):
+    """The unquantized base, for merging (``device_map``: see ``mtl_scale.model.resolve_device_map``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if getattr(hf_config, "quantization_config", None):
@@ -82,7 +83,8 @@ def load_base(path: str, dtype: str, trust_remote_code: bool = False):
         method = method.get("quant_method") if isinstance(method, dict) else getattr(method, "quant_method", method)
         raise UserError(f"the base at {path} is quantized ({method}); merging into quantized weights would round "
                         "the adapter away. Merge into the unquantized base checkpoint (same architecture) instead")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                 device_map=resolve_device_map(device_map))
     return model.eval()
 
 
@@ -108,12 +110,23 @@ def save_adapter_dir(model, name: str, out: Path, base_path: str) -> Path:
 
 
 def save_full_model(base_path: str, adapter_dir: Path, out: Path, dtype: str = "fp32",
-                    max_shard_size: str = "5GB", trust_remote_code: bool = False) -> Path:
-    """Fold an adapter into the base weights (``merge_and_unload``) and save a plain transformers
-    checkpoint (sharded safetensors + tokenizer) that needs neither PEFT nor mtl_scale to load."""
+                    max_shard_size: str = "5GB", trust_remote_code: bool = False,
+                    device_map: str | None = "auto") -> Path:
+    """Load the base, fold the adapter at ``adapter_dir`` into it and save (:func:`save_merged_model`)."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_base(base_path, dtype, trust_remote_code), str(adapter_dir)).merge_and_unload()
+    model = PeftModel.from_pretrained(load_base(base_path, dtype, trust_remote_code, device_map), str(adapter_dir),
+                                      adapter_name="full")
+    return save_merged_model(model, "full", out, base_path, max_shard_size, trust_remote_code)
+
+
+def save_merged_model(model, adapter: str, out: Path, base_path: str, max_shard_size: str = "5GB",
+                      trust_remote_code: bool = False) -> Path:
+    """Fold ``adapter`` of the PeftModel ``model`` into its base weights, in place (``merge_and_unload``:
+    the model's other adapters are dropped, and it is a plain transformers model afterwards), and save a
+    plain checkpoint (sharded safetensors + tokenizer) that needs neither PEFT nor mtl_scale to load.
+    In place, so that merging never holds a second copy of the base (2 x 140 GB of host memory at 70B)."""
+    model = model.merge_and_unload(adapter_names=[adapter])
     tokenizer = load_tokenizer(base_path, trust_remote_code)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -131,12 +144,15 @@ def retention(merged: dict, own: dict) -> float | None:
 
 def merge_run(run_dir: str | Path, methods: list[str], weights: list[float] | None = None, density: float = 0.5,
               svd_rank: int | None = None, full_model: str | None = "best", max_shard_size: str = "5GB",
-              eval_examples: int | None = None, out_dir: str | Path | None = None) -> dict:
+              eval_examples: int | None = None, out_dir: str | Path | None = None,
+              device_map: str | None = "auto") -> dict:
     """Merge a run's task adapters with each method, evaluate everything on held-out data, write the
     merged adapters, the retention report and (optionally) a full merged checkpoint.
 
     ``full_model``: "best" (the merged adapter with the best mean retention; the shared adapter under
-    hard sharing), an adapter name under <run>/adapters, a method name, or None.
+    hard sharing), an adapter name under <run>/adapters, a method name, or None. It is folded into the
+    one base loaded for everything here, after the last evaluation. ``device_map``: see
+    ``mtl_scale.model.resolve_device_map``.
     """
     from peft import PeftModel
 
@@ -175,7 +191,7 @@ def merge_run(run_dir: str | Path, methods: list[str], weights: list[float] | No
             h = task.held_out
             task.held_out = replace(h, input_ids=h.input_ids[:eval_examples], labels=h.labels[:eval_examples],
                                     prompt_lens=h.prompt_lens[:eval_examples], references=h.references[:eval_examples])
-    model = PeftModel.from_pretrained(load_base(base_path, cfg.model.dtype, cfg.model.trust_remote_code),
+    model = PeftModel.from_pretrained(load_base(base_path, cfg.model.dtype, cfg.model.trust_remote_code, device_map),
                                       str(adapters_root / names[0]), adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(str(adapters_root / name), adapter_name=name)
@@ -219,25 +235,28 @@ def merge_run(run_dir: str | Path, methods: list[str], weights: list[float] | No
                                  f"({', '.join(f'{m} {s:.2f}' for m, s in sorted(scores.items(), key=lambda x: -x[1]))})"}
 
     full = _full_model_source(full_model, report, names, out, adapters_root)
-    if full is not None:
+    if full is not None:  # last: folding changes the base weights, which every evaluation above needed clean
+        adapter, source = full
         target = out / "full_model"
-        save_full_model(base_path, full, target, cfg.model.dtype, max_shard_size, cfg.model.trust_remote_code)
-        report["full_model"] = {"path": str(target), "from_adapter": str(full)}
+        save_merged_model(model, adapter, target, base_path, max_shard_size, cfg.model.trust_remote_code)
+        report["full_model"] = {"path": str(target), "from_adapter": str(source)}
     _write_report(report, out)
     return report
 
 
 def _full_model_source(choice: str | None, report: dict, names: list[str], out: Path, adapters_root: Path):
+    """The adapter to fold into the base: (its name in the loaded PeftModel, its directory), or None."""
     if choice is None:
         return None
     if choice == "best":
         if "best" in report:
-            return out / "adapters" / report["best"]["method"]
-        return adapters_root / ("shared" if "shared" in names else names[0])
+            return f"merged_{report['best']['method']}", out / "adapters" / report["best"]["method"]
+        own = "shared" if "shared" in names else names[0]
+        return own, adapters_root / own
     if choice in names:
-        return adapters_root / choice
+        return choice, adapters_root / choice
     if choice in report["merged"]:
-        return out / "adapters" / choice
+        return f"merged_{choice}", out / "adapters" / choice
     raise UserError(f"--full-model {choice!r}: not an adapter of this run ({', '.join(names)}) nor a merge method "
                     f"that ran ({', '.join(report['merged']) or 'none'})")
 

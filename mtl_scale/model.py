@@ -59,6 +59,17 @@ def resolve_model_path(path: str) -> str:
     return path  # a hub id: from_pretrained downloads it (or finds it in the HF cache)
 
 
+def resolve_device_map(device_map: str | None = "auto") -> str | None:
+    """Where one-process tools (evaluate, merge) put the base: ``auto`` spreads it over every visible
+    GPU with accelerate (a 70B base fits no single GPU) and means one plain CPU model without CUDA;
+    ``none`` (or None) loads it unplaced; anything else goes to ``from_pretrained`` as is."""
+    if device_map in (None, "none"):
+        return None
+    if device_map == "auto" and not torch.cuda.is_available():
+        return None
+    return device_map
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
     try:

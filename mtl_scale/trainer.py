@@ -1,8 +1,8 @@
 """The run: set up ranks, data, model and DeepSpeed engine; loop over optimizer steps; save adapters.
 
     run = setup(cfg)      # collective: every rank calls it
-    train_loop(run)
-    save_adapters(run)
+    train_loop(run)       # saves the adapters at the last step, before the final evaluation
+    finish(run)           # summary and report
 """
 from __future__ import annotations
 
@@ -62,6 +62,8 @@ class Run:
     stop_requested: bool = False
     """Set by SIGTERM; acted on (checkpoint, exit 0) at the end of the step, on every rank together."""
     preempted: bool = False
+    adapters_saved_step: int = -1
+    """The step whose adapters are on disk (saved before the final evaluation; finish() then skips them)."""
 
     @property
     def is_writer(self) -> bool:
@@ -328,6 +330,9 @@ def train_loop(run: Run) -> None:
                 metrics[f"samples/{task}"] = n * cfg.micro_batch_size * run.world
                 metrics[f"mix/{task}"] = n / total  # the realised sampling mix so far
                 metrics[f"sampling_prob/{task}"] = run.sampler.probs[task]
+            if run.step == cfg.max_steps:
+                # Saved before the final evaluation: an eval that dies (out of memory, say) keeps the run.
+                save_adapters(run)
             if (cfg.eval.every_steps and run.step % cfg.eval.every_steps == 0) or run.step == cfg.max_steps:
                 metrics.update(evaluate_during_training(run.model, run.tokenizer, run.tasks, cfg.eval,
                                                         activate, run.rank, run.world))
@@ -397,19 +402,27 @@ def restore(run: Run, ckpt: Path) -> None:
 
 
 def save_adapters(run: Run) -> Path:
-    """Every adapter to ``<output_dir>/adapters/<name>/`` (PEFT layout), plus the resolved config."""
+    """Every adapter to ``<output_dir>/adapters/<name>/`` (PEFT layout), plus the resolved config
+    (what launch/evaluate.py and launch/merge.py need). Collective under ZeRO-3 (gathers the adapters)."""
     out = Path(run.cfg.output_dir)
     for name in run.adapter_names:
         adapters.save_adapter(run.model, name, out / "adapters" / name, run.model_path, run.is_writer)
     if run.is_writer:
         _write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
+    run.adapters_saved_step = run.step
+    return out
+
+
+def write_summary(run: Run) -> None:
+    """``<output_dir>/train_summary.json`` (rank 0): steps, final metrics, data sizes."""
+    out = Path(run.cfg.output_dir)
+    if run.is_writer:
         summary = {
             "steps": run.step, "world_size": run.world, "adapters": run.adapter_names,
             "final": run.history[-1] if run.history else {},
             "data": data_summary(run.tasks),
         }
         _write_atomic(out / "train_summary.json", json.dumps(summary, indent=2))
-    return out
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -419,8 +432,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def finish(run: Run) -> None:
-    """Adapters, config and summary; then the report (rank 0)."""
-    save_adapters(run)
+    """Adapters and config (unless train_loop saved them at this step), summary; then the report (rank 0)."""
+    if run.adapters_saved_step != run.step:
+        save_adapters(run)
+    write_summary(run)
     if run.is_writer:
         from mtl_scale.report import write_report
         log.info("report: %s", write_report(run.cfg.output_dir))

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.dist
 COMMON = ["max_steps=6", "micro_batch_size=4", "sampling.tasks_per_step=3", "lora.r=8",
           "tasks.0.num_examples=40", "tasks.1.num_examples=40", "tasks.2.num_examples=40", "tasks.3.num_examples=40",
           "tasks.0.eval_size=10", "tasks.1.eval_size=10", "tasks.2.eval_size=10", "tasks.3.eval_size=10", "lr=1e-2",
-          "eval.every_steps=3", "eval.max_examples=5", "sampling.strategy=temperature", "sampling.temperature=2"]
+          "eval.every_steps=3", "eval.max_examples=5", "sampling.strategy=temperature", "sampling.temperature=2",
+          "eval.loss_chunk_tokens=7"]
 
 
 EXTRA = {"soft": [], "hard": ["surgery.telemetry=true"], "hybrid": ["surgery.method=pcgrad", "hybrid.task_r=4"]}
@@ -71,6 +72,20 @@ def test_stock_peft_reproduces_trained_logits(trained, tiny_model_dir):
         with torch.no_grad(), model.disable_adapter():
             plain = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
         assert (plain[mask] - logits[mask]).abs().max() > 1e-3
+
+
+def test_chunked_eval_loss_on_the_partitioned_model(trained):
+    """In-training evaluation under ZeRO-3 with the held-out loss in chunks of 7 completion positions:
+    the ranks' shards need different numbers of head calls (each gathers the partitioned lm_head), the
+    run does not hang, and the loss equals the full-logits one."""
+    _, out, _ = trained
+    r0, r1 = [json.loads((out / f"rank{r}_eval.json").read_text()) for r in (0, 1)]
+    assert r0["head_calls"] != r1["head_calls"]  # so the per-batch maximum over ranks was needed
+    assert r0["chunked"] == r1["chunked"]  # all-reduced
+    losses = {k: v for k, v in r0["full"].items() if k.startswith("eval/loss/")}
+    assert len(losses) == 4
+    for k, v in losses.items():
+        assert r0["chunked"][k] == pytest.approx(v, rel=1e-5)
 
 
 def test_schedule_identical_on_ranks_and_shards_disjoint(trained):

@@ -32,6 +32,25 @@ def test_too_many_consecutive_skips_abort_cleanly(tmp_path, tiny_model_dir):
     assert not (tmp_path / "adapters").exists()
 
 
+def test_adapters_saved_before_the_final_evaluation_survive_its_failure(tmp_path, tiny_model_dir):
+    """The final evaluation runs out of memory on every rank: the adapters of the last step are
+    already on disk, complete, with the config that launch/evaluate.py and launch/merge.py read."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    res = launch("tests/scripts/train_faults.py", [*ARGS, "max_steps=2", f"output_dir={tmp_path}"],
+                 env={"FAULT_EVAL_OOM_STEP": "2"}, check=False, timeout=240)
+    assert res.returncode != 0 and "injected: out of memory in the evaluation after step 2" in res.stdout
+    assert not (tmp_path / "train_summary.json").exists()  # finish() never ran
+    assert (tmp_path / "config.yaml").is_file()
+    state = load_file(tmp_path / "adapters" / "shared" / "adapter_model.safetensors")
+    assert len(state) == 28 and all(v.numel() > 0 for v in state.values())  # 2 layers x 7 modules x (A, B)
+    assert all(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # trained, not the zero init
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    PeftModel.from_pretrained(base, tmp_path / "adapters" / "shared")  # stock PEFT loads it
+
+
 def test_dead_rank_makes_the_other_exit_within_timeout(tmp_path, tiny_model_dir):
     """Two simulated nodes (separate launchers, as on a cluster): node 1's rank dies mid-run; node 0's
     rank is stuck in a collective until dist_timeout_s, then exits non-zero instead of hanging."""

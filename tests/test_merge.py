@@ -159,3 +159,75 @@ def test_serving_warnings(tmp_path):
     assert any("DoRA" in w for w in serving_warnings(adapter(use_dora=True)))
     assert any("modules_to_save" in w for w in serving_warnings(adapter(modules_to_save=["lm_head"])))
     assert any("pattern" in w for w in serving_warnings(adapter(target_modules=".*proj")))
+
+
+def test_merge_run_loads_the_base_once_and_folds_the_best_merge_into_it(fake_run, tiny_model_dir, tiny_tokenizer,
+                                                                        tmp_path, monkeypatch):
+    """The full checkpoint comes from the base already loaded for the evaluations (no second base in
+    memory), and it computes what base + the best merged adapter computes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loads = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    report = merge_run(fake_run, ["linear", "cat"], eval_examples=2, out_dir=tmp_path)
+    assert loads == [str(tiny_model_dir)]
+    monkeypatch.undo()
+    best = report["best"]["method"]
+    assert report["full_model"]["from_adapter"] == str(tmp_path / "adapters" / best)
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full_model").eval()
+    ref = PeftModel.from_pretrained(load_base(str(tiny_model_dir), "fp32"), str(tmp_path / "adapters" / best)).eval()
+    torch.testing.assert_close(_logits(full, tiny_tokenizer), _logits(ref, tiny_tokenizer), atol=1e-5, rtol=1e-5)
+    with ref.disable_adapter():  # and the merge is in it: the base alone differs
+        assert (_logits(ref, tiny_tokenizer) - _logits(full, tiny_tokenizer)).abs().max() > 1e-4
+
+
+def test_device_map_defaults_to_auto_only_with_cuda(monkeypatch):
+    from mtl_scale.model import resolve_device_map
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device_map() == "auto" and resolve_device_map("auto") == "auto"
+    assert resolve_device_map("none") is None and resolve_device_map(None) is None
+    assert resolve_device_map("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device_map("auto") is None
+
+
+@pytest.mark.parametrize("script", ["launch/merge.py", "launch/evaluate.py"])
+def test_launchers_default_to_device_map_auto(script, monkeypatch, tmp_path):
+    """Both tools hand device_map="auto" to from_pretrained on a CUDA box unless told --no-device-map."""
+    import runpy
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    root = Path(__file__).resolve().parent.parent
+    help_text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=root,
+                               timeout=120).stdout
+    assert "--no-device-map" in help_text and "default auto" in " ".join(help_text.split())
+
+    class Loaded(Exception):
+        pass
+
+    def capture(cls, *args, **kwargs):
+        raise Loaded(kwargs.get("device_map"))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(capture))
+    cfg = RunConfig(tasks=[TaskConfig(name="copy", source="builtin:copy", num_examples=20, eval_size=2)],
+                    output_dir=str(tmp_path))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    (tmp_path / "adapters" / "copy").mkdir(parents=True)
+    (tmp_path / "adapters" / "copy" / "adapter_config.json").write_text("{}")
+    args = [str(tmp_path)] if script.endswith("merge.py") else ["--config", str(tmp_path / "config.yaml")]
+    for extra, expected in (([], "auto"), (["--no-device-map"], None)):
+        monkeypatch.setattr(sys, "argv", [script, *args, *extra])
+        with pytest.raises(Loaded) as e:
+            runpy.run_path(str(root / script), run_name="__main__")
+        assert e.value.args[0] == expected

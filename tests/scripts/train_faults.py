@@ -1,7 +1,8 @@
 """Test driver: the real trainer with faults injected on one rank.
 
 Env: FAULT_RANK (which rank), FAULT_NAN_STEPS (comma list of 0-based steps whose loss is NaN there),
-FAULT_DIE_STEP (the rank SIGKILLs itself at the start of that step).
+FAULT_DIE_STEP (the rank SIGKILLs itself at the start of that step), FAULT_EVAL_OOM_STEP (every
+rank's evaluation after that 1-based step raises an out-of-memory error).
 """
 import os
 import signal
@@ -17,9 +18,11 @@ from mtl_scale.config import load_config
 RANK = int(os.environ.get("FAULT_RANK", "1"))
 NAN_STEPS = {int(s) for s in os.environ.get("FAULT_NAN_STEPS", "").split(",") if s}
 DIE_STEP = int(os.environ.get("FAULT_DIE_STEP", "-1"))
+EVAL_OOM_STEP = int(os.environ.get("FAULT_EVAL_OOM_STEP", "-1"))
 current = {"step": -1}
 
 real_step, real_loss = mtl_scale.trainer.optimizer_step, mtl_scale.engine.token_loss_sum
+real_eval = mtl_scale.trainer.evaluate_during_training
 
 
 def step_with_faults(*args, step=0, **kwargs):
@@ -36,7 +39,15 @@ def loss_with_faults(logits, labels):
     return s, n
 
 
+def eval_with_faults(*args, **kwargs):
+    if current["step"] + 1 == EVAL_OOM_STEP:
+        raise torch.OutOfMemoryError("injected: out of memory in the evaluation after step "
+                                     f"{EVAL_OOM_STEP}")
+    return real_eval(*args, **kwargs)
+
+
 mtl_scale.trainer.optimizer_step = step_with_faults
+mtl_scale.trainer.evaluate_during_training = eval_with_faults
 mtl_scale.engine.token_loss_sum = loss_with_faults
 
 

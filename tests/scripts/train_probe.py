@@ -4,17 +4,22 @@ record what the *trained, partitioned* model computes, for the tests to compare 
 Writes to <output_dir>:
   probe_logits.pt        {adapter: logits of PROBE_TEXT with that adapter active} (rank 0)
   rank<r>_schedule.json  per step: the task plan and the example indices this rank drew
+  rank<r>_eval.json      evaluate_during_training's metrics with the chunked held-out loss
+                         (eval.loss_chunk_tokens) and with full logits, and this rank's head calls per batch
 """
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+import mtl_scale.evaluate
 from mtl_scale import adapters
 from mtl_scale.cli import run_entry
 from mtl_scale.config import load_config
-from mtl_scale.trainer import finish, setup, train_loop
+from mtl_scale.evaluate import evaluate_during_training
+from mtl_scale.trainer import _activator, finish, setup, train_loop
 
 PROBE_TEXT = ["sort [jihgfe] ->", "add 12 and 30 ->"]
 
@@ -35,6 +40,17 @@ def main():
     out = Path(cfg.output_dir)
     plans = [run.sampler.plan(s) for s in range(cfg.max_steps)]
     (out / f"rank{run.rank}_schedule.json").write_text(json.dumps({"plans": plans, "drawn": drawn}))
+
+    # Held-out loss on the trained, partitioned model: chunked (each rank's own head calls recorded) and full.
+    calls, head_calls = [], mtl_scale.evaluate.head_calls
+    mtl_scale.evaluate.head_calls = lambda *a: calls.append(head_calls(*a)) or calls[-1]
+    eval_cfg = replace(cfg.eval, max_new_tokens=1)  # the loss is what is compared; generation kept short
+    chunked = evaluate_during_training(run.model, run.tokenizer, run.tasks, eval_cfg, _activator(run), run.rank,
+                                       run.world)
+    full = evaluate_during_training(run.model, run.tokenizer, run.tasks, replace(eval_cfg, loss_chunk_tokens=0),
+                                    _activator(run), run.rank, run.world)
+    (out / f"rank{run.rank}_eval.json").write_text(json.dumps({"chunked": chunked, "full": full,
+                                                                "head_calls": calls}))
 
     enc = run.tokenizer(PROBE_TEXT, add_special_tokens=True, padding=True, return_tensors="pt")
     run.engine.eval()
