@@ -481,7 +481,8 @@ def suggestions(shape: ModelShape, inp: PlanInputs, current: Plan) -> list[str]:
     options = []
     if not inp.gradient_checkpointing:
         options.append(("gradient checkpointing", dict(gradient_checkpointing=True)))
-    if inp.zero_stage >= 1 and not inp.offload_optimizer:
+    # With per-task adapters, optimizer offload is exact only under ZeRO-3 (ds_config refuses it at 1-2)
+    if inp.zero_stage >= 1 and not inp.offload_optimizer and (inp.zero_stage == 3 or inp.sharing == "hard"):
         options.append(("offload the optimizer", dict(offload_optimizer=True)))
     if inp.zero_stage == 3 and not inp.offload_params:
         options.append(("offload optimizer + parameters", dict(offload_optimizer=True, offload_params=True)))

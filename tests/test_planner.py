@@ -287,6 +287,12 @@ def test_fits_decision_and_largest_micro_batch():
     assert not result.fits
     assert any(s.startswith("gradient checkpointing:") for s in result.suggestions)
     assert any("micro_batch_size=" in s for s in result.suggestions)
+    assert any(s.startswith("offload the optimizer:") for s in result.suggestions)
+    # ZeRO-2 with per-task adapters: offload would be refused (ds_config._check_offload), so it is not offered
+    zero2 = planner.plan(shape, dataclasses.replace(big, zero_stage=2, sharing="soft"))
+    assert not any(s.startswith("offload the optimizer") for s in zero2.suggestions)
+    assert any(s.startswith("offload the optimizer:") for s in
+               planner.plan(shape, dataclasses.replace(big, zero_stage=2)).suggestions)
 
 
 def test_plan_from_the_shipped_8gpu_config_as_json(capsys):
