@@ -156,6 +156,7 @@ def task_loss(model, data: Encoded, pad_id: int, batch_size: int, chunk_tokens: 
     total, count = loss_sums(model, data, pad_id, batch_size, chunk_tokens=chunk_tokens)
     return total / max(count, 1)
 
+
 @torch.no_grad()
 def exact_match(model, tokenizer, data: Encoded, batch_size: int, max_new_tokens: int, device=None,
                 synced_gpus: bool = False) -> tuple[float, list[str]]:
