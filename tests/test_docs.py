@@ -1,0 +1,159 @@
+"""Docs kept honest by tests: every ``launch/`` and ``bench/`` command in README.md and docs/*.md parses
+with its entry point's own argument parser, and every dotted ``key=value`` they show names a key of the
+config schema. Renaming a flag or a key without updating the docs fails here."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import runpy
+import shlex
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+from mtl_scale.config import RunConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SCRIPT = re.compile(r"^(?:\./)?((?:launch|bench)/[\w/]+\.(?:py|sh))$")
+KEY_VALUE = re.compile(r"(?<![\w.=-])([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*)=(?!=)")
+# key=value text in the docs that is not a run-config key: named here, with what it is
+NOT_CONFIG = {
+    "device_map": "transformers' from_pretrained argument",
+    "weights_only": "torch.load's argument",
+    "deepspeed": "HF TrainingArguments' argument",
+    "key": "the placeholder in 'key=value'",
+}
+
+
+def _snippets(text: str) -> list[tuple[int, str]]:
+    """(line, text) of every fenced code line (continuations joined) and every inline code span."""
+    out = []
+    lines = text.split("\n")
+    fenced, i = False, 0
+    while i < len(lines):
+        line, start = lines[i], i + 1
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif fenced:
+            while line.endswith("\\") and i + 1 < len(lines):
+                i += 1
+                line = line[:-1] + " " + lines[i]
+            out.append((start, line))
+        else:
+            out += [(start, span) for span in re.findall(r"`([^`]+)`", line)]
+        i += 1
+    return out
+
+
+def _variables(text: str) -> dict[str, str]:
+    """Shell variables a doc defines in its code (``A="--hidden 512 ..."``), for the commands that use them."""
+    return {k: v for k, v in re.findall(r'^([A-Z_]+)="([^"]*)"', text, flags=re.M)}
+
+
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """(where, script, args) for every command that runs a launch/ or bench/ script."""
+    out = []
+    for doc in DOCS:
+        text = doc.read_text()
+        variables = _variables(text)
+        for line, snippet in _snippets(text):
+            snippet = re.sub(r"\$(\w+)", lambda m: variables.get(m.group(1), m.group(0)), snippet.split(" #")[0])
+            try:
+                tokens = shlex.split(snippet)
+            except ValueError:
+                continue
+            for j, token in enumerate(tokens[1:], start=1):  # run by python, deepspeed or bash: a command,
+                match = SCRIPT.match(token)                  # not a file named in prose
+                if match:
+                    out.append((f"{doc.relative_to(ROOT)}:{line}", match.group(1), tokens[j + 1:]))
+                    break
+    return out
+
+
+def documented_keys() -> list[tuple[str, str]]:
+    """(where, dotted key) of every key=value in the docs' code."""
+    out = []
+    for doc in DOCS:
+        for line, snippet in _snippets(doc.read_text()):
+            out += [(f"{doc.relative_to(ROOT)}:{line}", key) for key in KEY_VALUE.findall(snippet)]
+    return out
+
+
+def is_config_key(dotted: str, cls=RunConfig) -> bool:
+    """Whether ``dotted`` names a field of the schema: nested dataclasses by name, lists of them by
+    index (``tasks.0.eval_size``), mappings by any key (``sampling.weights.copy``)."""
+    parts = dotted.split(".")
+    tp = cls
+    for i, part in enumerate(parts):
+        if dataclasses.is_dataclass(tp):
+            hints = typing.get_type_hints(tp)
+            if part not in hints:
+                return False
+            tp = hints[part]
+        elif typing.get_origin(tp) is list and part.isdigit():
+            tp = typing.get_args(tp)[0]
+        elif typing.get_origin(tp) is dict:
+            return i == len(parts) - 1  # a mapping's key, nothing below it
+        else:
+            return False
+    return True
+
+
+class _Parsed(Exception):
+    """Raised by the patched parse_args: the entry point parsed its arguments; stop before it runs."""
+
+
+def parse_with_entry_point(script: str, args: list[str], monkeypatch) -> argparse.Namespace:
+    """Run ``script``'s own main() with ``args`` until its argument parser has parsed them."""
+    for name in ("parse_args", "parse_intermixed_args"):
+        parse = getattr(argparse.ArgumentParser, name)
+
+        def parse_and_stop(self, args=None, namespace=None, parse=parse):
+            raise _Parsed(parse(self, args, namespace))
+
+        monkeypatch.setattr(argparse.ArgumentParser, name, parse_and_stop)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), *args])
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    except _Parsed as parsed:
+        return parsed.args[0]
+    raise AssertionError(f"{script} finished without parsing its arguments with argparse")
+
+
+COMMANDS = documented_commands()
+
+
+def test_docs_show_commands_and_keys():
+    scripts = {script for _, script, _ in COMMANDS}
+    assert {"launch/train.py", "launch/evaluate.py", "launch/merge.py", "launch/plan.py"} <= scripts
+    assert len(documented_keys()) >= 10
+
+
+@pytest.mark.parametrize("where,script,args", COMMANDS, ids=[f"{w} {s}" for w, s, _ in COMMANDS])
+def test_documented_command_parses(where, script, args, monkeypatch, capsys):
+    assert (ROOT / script).is_file(), f"{where}: {script} does not exist"
+    if script.endswith(".sh"):
+        return  # shell wrappers: their python commands are documented and checked on their own
+    try:
+        parse_with_entry_point(script, args, monkeypatch)
+    except SystemExit as e:
+        pytest.fail(f"{where}: `{script} {' '.join(args)}` is refused by its parser (exit {e.code}):\n"
+                    f"{capsys.readouterr().err}")
+
+
+def test_documented_keys_are_config_keys():
+    wrong = [f"{where}: {key}" for where, key in documented_keys()
+             if key.split(".")[0] not in NOT_CONFIG and not is_config_key(key)]
+    assert not wrong, "keys in the docs that the config schema does not have:\n" + "\n".join(wrong)
+
+
+def test_the_checks_catch_a_rename(monkeypatch, capsys):
+    assert not is_config_key("lora.rank") and is_config_key("lora.r") and is_config_key("tasks.0.eval_size")
+    assert is_config_key("sampling.weights.copy") and not is_config_key("sampling.weights.copy.x")
+    with pytest.raises(SystemExit):
+        parse_with_entry_point("launch/merge.py", ["runs/demo", "--methods", "ties"], monkeypatch)
+    assert "--methods" in capsys.readouterr().err
