@@ -94,6 +94,12 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
         # CPU ranks on one machine share its cores; oversubscription makes every rank slower.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if not on_gpu:
+        # DeepSpeed builds its shared-memory op (a JIT C++ compile) for every CPU world, yet only its
+        # inference_all_reduce uses it. A fresh machine then spends minutes compiling inside the first launch, a
+        # launch killed mid-build leaves torch's lock file behind and every later launch waits on it forever, and
+        # each world leaves its buffers in /dev/shm. Training needs none of it: gloo does the reductions.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
     if on_gpu:
         get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))

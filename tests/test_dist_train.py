@@ -161,7 +161,7 @@ def test_report_written_with_plots(trained):
 
 def test_tiny_task_on_two_ranks_does_not_hang(tmp_path, tiny_model_dir):
     """A 3-example task: rank shards of 2 and 1 examples, micro-batches of 4 — both ranks cycle their
-    shard and run exactly as many micro-batches as the other."""
+    shard and run exactly as many micro-batches as the other. And a launch on a fresh machine builds no op."""
     f = tmp_path / "tiny.jsonl"
     f.write_text("".join(json.dumps({"prompt": f"repeat [{w}] ->", "completion": f" {w}"}) + "\n"
                          for w in ("abc", "de", "fgh")))
@@ -169,7 +169,11 @@ def test_tiny_task_on_two_ranks_does_not_hang(tmp_path, tiny_model_dir):
     cfg.write_text(f"tasks:\n  - {{name: tiny, source: '{f}', eval_size: 0}}\n"
                    f"  - {{name: copy, source: 'builtin:copy', num_examples: 50, eval_size: 4}}\n"
                    f"max_steps: 5\nmicro_batch_size: 4\nsampling: {{strategy: uniform, tasks_per_step: 3}}\noutput_dir: {tmp_path / 'out'}\n")
-    launch("launch/train.py", ["--config", str(cfg)], timeout=240)
+    # A fresh extensions dir, as on a new machine: CPU ranks must compile nothing (DeepSpeed's shared-memory op
+    # took minutes on CI, and a launch killed mid-build left a lock that hung every later launch).
+    res = launch("launch/train.py", ["--config", str(cfg)], timeout=240,
+                 env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")})
+    assert "shm_comm" not in res.stdout and not (tmp_path / "torch_extensions").exists()
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 5 and lines[-1]["samples/tiny"] > 3  # the tiny task was drawn and cycled
     assert (tmp_path / "out" / "adapters" / "tiny" / "adapter_model.safetensors").is_file()
