@@ -138,6 +138,7 @@ def setup(cfg: RunConfig) -> Run:
     from transformers.integrations import HfDeepSpeedConfig
 
     # Everything that can fail on bad input happens before the process group exists.
+    check_output_dir_path(cfg.output_dir)
     try:  # this rank's view only: a wrong resume is raised below, on every rank together
         local_resume = checkpoint.resolve_resume(cfg)
     except UserError as e:
@@ -187,6 +188,18 @@ def setup(cfg: RunConfig) -> Run:
                  sum(getattr(p, "ds_numel", p.numel()) for p in trainable))
     return Run(cfg, rank, world, model_path, tokenizer, tasks, model, engine, sampler, ds_config, hf_ds_config,
                surgery=surgery, coupling=coupling, balancer=balancer, resume_from=resume_from)
+
+
+def check_output_dir_path(output_dir: str) -> None:
+    """Refuse an ``output_dir`` that is a file, or lies under one: every write into it would fail, the first
+    of them only mid-run."""
+    path = Path(output_dir)
+    for existing in (p for p in [path, *path.parents] if p.exists()):
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"lies under {existing}, which is a file"
+            raise UserError(f"output_dir={output_dir!r} {where}, not a directory; give a directory for adapters, "
+                            "checkpoints and metrics (it is created if missing)")
+        return
 
 
 def make_balancer(cfg: RunConfig, sizes: dict[str, int]) -> Balancer | None:
