@@ -270,10 +270,14 @@ def absent_parameters(run: Run, groups) -> list[torch.nn.Parameter]:
     return [p for name, params in run.adapter_params.items() if name not in used for p in params]
 
 
-def step_loss_scales(run: Run, groups, weights: dict[str, float] | None = None) -> dict[str, float]:
+def step_task_weights(run: Run) -> dict[str, float]:
+    """The task weights of this step's objective: DWA's from the controller, else ``loss.weights`` (manual)."""
+    return run.balancer.loss_weights() if run.cfg.loss.task_weighting == "dwa" else run.cfg.loss.weights
+
+
+def step_loss_scales(run: Run, groups) -> dict[str, float]:
     """Per-task loss scales for this step (loss_weighting.py), from completion-token counts summed
-    over ranks: one all-reduce of K numbers before the step's first backward. ``weights``: the task
-    weights of manual or dwa weighting."""
+    over ranks: one all-reduce of K numbers before the step's first backward."""
     names = list(run.tasks)
     local = {t: 0 for t in names}
     for task, micro_batches in groups:
@@ -282,7 +286,7 @@ def step_loss_scales(run: Run, groups, weights: dict[str, float] | None = None) 
     torch.distributed.all_reduce(counts)
     in_step = {t: int(c) for t, c in zip(names, counts.tolist()) if t in dict(groups)}
     return loss_scales(run.cfg.loss.task_weighting, in_step, run.world, gradient_accumulation_steps(run.cfg),
-                       weights)
+                       step_task_weights(run))
 
 
 def reduce_stats(run: Run, stats: StepStats) -> dict[str, float]:
@@ -337,12 +341,11 @@ def train_loop(run: Run) -> None:
         while run.step < cfg.max_steps:
             t0 = time.perf_counter()
             groups = next_step_groups(run, run.step)
-            weights = run.balancer.loss_weights() if cfg.loss.task_weighting == "dwa" else cfg.loss.weights
-            stats = optimizer_step(run.engine, groups, activate, step_loss_scales(run, groups, weights),
+            stats = optimizer_step(run.engine, groups, activate, step_loss_scales(run, groups),
                                    run.surgery, run.coupling, step=run.step, absent=absent_parameters(run, groups))
             metrics = reduce_stats(run, stats)
             if cfg.loss.task_weighting == "dwa":
-                metrics.update({f"loss_weight/{t}": w for t, w in weights.items()})
+                metrics.update({f"loss_weight/{t}": w for t, w in step_task_weights(run).items()})
             # DeepSpeed skips the update on every rank when the all-reduced gradient norm is not finite
             skipped = not run.engine.was_step_applied()
             run.consecutive_skips = run.consecutive_skips + 1 if skipped else 0
