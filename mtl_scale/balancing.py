@@ -6,9 +6,11 @@ The maths is pure functions of plain numbers:
     mix_floor(weights, floor) -> probabilities            # (1 - floor) * w + floor / K
     dwa_weights(ema, ema_prev, temperature) -> loss weights
 
-A rule moves log-weights multiplicatively, w_k <- w_k * exp(eta * delta_k), renormalised (Sheared-LLaMA's
-dynamic batch loading, DoReMi's exponentiated update); only delta differs between rules. Adding one (a
-CoBa-like slope, a bandit) is one function of the same signature and one entry in RULES.
+A rule sets log-weights from a per-task delta, w_k ∝ base_k * exp(eta * delta_k): ``gap`` accumulates
+(base = its previous weights, Sheared-LLaMA's dynamic batch loading, DoReMi's exponentiated update), so a
+gap that persists keeps pulling; ``progress`` does not (base = the prior), because accumulated progress
+is the whole loss drop so far, and a task that fell early would keep its draws after it went flat. Adding
+a rule (a CoBa-like slope, a bandit) is one function of the same signature and one entry in RULES.
 
 ``Balancer`` holds the state between steps (K numbers per signal) and is saved in checkpoints. Every
 signal it sees is all-reduced (the step's per-task loss sums and token counts, the evaluation's sums), so
@@ -59,12 +61,13 @@ def relative_decrease(before: float, now: float) -> float:
 
 
 def progress_rule(state: dict, signals: Signals, eta: float) -> tuple[dict, dict[str, float]]:
-    """Tasks whose loss is still falling gain weight; flat or rising ones lose it.
+    """Tasks whose loss is still falling gain weight; flat or rising ones lose it: w_k ∝ prior_k * exp(eta * delta_k).
 
     delta_k is the relative decrease of task k's loss since the previous update: of the held-out loss when
     this update and an earlier one both have an evaluation of k, else of the train-loss EMA. Like is
     compared with like, because held-out and train losses differ by the generalisation gap. A task with
-    no earlier value of either gets delta 0.
+    no earlier value of either gets delta 0. The weights follow the latest progress only (they restart
+    from the prior at every update): when every task is flat the distribution returns to the prior.
     """
     ev = signals.eval or {}
     delta = {}
@@ -73,7 +76,7 @@ def progress_rule(state: dict, signals: Signals, eta: float) -> tuple[dict, dict
             delta[t] = relative_decrease(state["prev_eval"][t], ev[t])
         elif t in signals.train and t in state["prev_train"]:
             delta[t] = relative_decrease(state["prev_train"][t], signals.train[t])
-    log_w = multiplicative_update(state["log_w"], delta, eta)
+    log_w = multiplicative_update(state["log_prior"], delta, eta)
     new = {**state, "log_w": log_w, "prev_train": {**state["prev_train"], **signals.train},
            "prev_eval": {**state["prev_eval"], **ev}}
     return new, {t: math.exp(v) for t, v in log_w.items()}
@@ -98,8 +101,8 @@ RULES: dict[str, Rule] = {"progress": progress_rule, "gap": gap_rule}
 
 def initial_state(prior: dict[str, float]) -> dict:
     """A rule's state before any signal: log-weights at the prior, no history."""
-    return {"log_w": normalise_log({t: math.log(max(p, 1e-300)) for t, p in prior.items()}),
-            "prev_train": {}, "prev_eval": {}}
+    log_prior = normalise_log({t: math.log(max(p, 1e-300)) for t, p in prior.items()})
+    return {"log_prior": log_prior, "log_w": dict(log_prior), "prev_train": {}, "prev_eval": {}}
 
 
 def mix_floor(weights: dict[str, float], floor: float) -> dict[str, float]:

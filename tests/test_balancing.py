@@ -31,6 +31,18 @@ def test_progress_rule_rewards_falling_losses():
     assert w == pytest.approx({"c": 0.25 * math.exp(-1) / z, "d": 0.75 * math.e / z}, rel=1e-12)
 
 
+def test_progress_rule_follows_the_latest_progress_only():
+    # after a falls (gains weight), a flat period brings the distribution back to the prior
+    state, w1 = progress_rule(_state({"a": 0.5, "b": 0.5}, prev_train={"a": 2.0, "b": 1.0}),
+                              Signals(train={"a": 1.0, "b": 1.0}), eta=1.0)
+    assert w1["a"] > 0.6
+    state, w2 = progress_rule(state, Signals(train={"a": 1.0, "b": 1.0}), eta=1.0)
+    assert w2 == pytest.approx({"a": 0.5, "b": 0.5}, rel=1e-12)
+    # the same progress twice gives the same weights, not twice the shift
+    _, w3 = progress_rule(state, Signals(train={"a": 0.5, "b": 1.0}), eta=1.0)
+    assert w3 == pytest.approx(w1, rel=1e-12)
+
+
 def test_progress_rule_compares_held_out_with_held_out():
     # a: held-out now and before -> 4.0 -> 3.0 = 0.25; b: held-out now only -> its train EMA 2.0 -> 1.0 = 0.5;
     # c: no earlier value of either -> 0
