@@ -27,8 +27,9 @@ from typing import Callable
 
 from mtl_scale.errors import UserError
 
-# Each rule's step size when sampling.adaptive.eta is not given: tuned so that the demo's tasks move by a
-# few percentage points per update (progress: relative decrease per update, ~0.01-0.3; gap: nats, ~0.1-1).
+# Each rule's step size when sampling.adaptive.eta is not given. progress: deltas are relative decreases
+# per update (~0.3 early, ~0.01 late); on the demo, add's share went 0.27 -> 0.54 at step 21 while its loss
+# fell fastest and back to its prior 0.27 when every task was flat. gap: deltas are nats above the reference.
 DEFAULT_ETA = {"progress": 5.0, "gap": 1.0}
 
 
