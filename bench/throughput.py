@@ -302,7 +302,8 @@ def report(results: list[dict], surgery: dict[int, dict], peak_override: float |
               f"{m['tokens_per_s']:10.0f} {util}")
     out = ratios(med, surgery)
     for name, value in out.items():
-        print(f"RATIO {name} = {value:.3f}  {TARGETS.get(name, '')}".rstrip())
+        shown = f"{value:.3f}" if value >= 0.01 else f"{value:.2e}"  # the controller's share is ~1e-4
+        print(f"RATIO {name} = {shown}  {TARGETS.get(name, '')}".rstrip())
     return {"results": results, "medians": med, "ratios": out, "surgery": surgery}
 
 
