@@ -4,13 +4,17 @@ over several seeds, scored by per-task exact match on held-out examples.
     python bench/quality.py                                  # all variants, seeds 0 1 2
     python bench/quality.py --variants soft soft-merged --seeds 0
     python bench/quality.py --table-only                     # rebuild the tables from finished runs
+    python bench/quality.py --variants hard-sum-temp adaptive-progress adaptive-gap hard-dwa-temp   # adaptive
 
 Each (variant, seed) is a real run of the product, ``deepspeed --num_gpus 2 launch/train.py --config
 bench/configs/quality.yaml seed=S <the variant's overrides>``, under runs/quality/<variant>/seed<S>/;
 its exact match is the trainer's end-of-run evaluation (every held-out example of every task, with
 the adapter that task is served with). ``soft-merged`` merges each seed's soft adapters with
 mtl_scale.merge (all methods; the one with the best mean retention is reported, as ``launch/merge.py``
-would pick it). Finished runs are reused, so an interrupted suite continues where it stopped.
+would pick it). ``adaptive-gap`` steers toward the seed's single-task runs' final held-out losses
+(``sampling.reference``), so it trains or reuses the ``single`` runs first. The adaptive variants steer on
+train losses only (``eval.every_steps: 0``): steering on held-out loss would let the scored examples shape
+the training. Finished runs are reused, so an interrupted suite continues where it stopped.
 
 Writes <out>/results.json (every run, the aggregates, gradient-cosine telemetry) and <out>/results.md.
 """
@@ -39,6 +43,13 @@ VARIANTS = {
     "hard-pcgrad-temp": ["sharing=hard", "surgery.method=pcgrad", "sampling.strategy=temperature"],
     "soft": ["sharing=soft", "sampling.strategy=temperature"],
     "hybrid-pcgrad": ["sharing=hybrid", "surgery.method=pcgrad", "sampling.strategy=temperature"],
+    # Adaptive balancing (docs/TRAINING.md), each against hard-sum-temp: the same run but for the one knob.
+    "adaptive-progress": ["sharing=hard", "surgery.method=sum", "surgery.telemetry=true",
+                          "sampling.strategy=adaptive", "sampling.adaptive.rule=progress"],
+    "adaptive-gap": ["sharing=hard", "surgery.method=sum", "surgery.telemetry=true",
+                     "sampling.strategy=adaptive", "sampling.adaptive.rule=gap"],  # + sampling.reference
+    "hard-dwa-temp": ["sharing=hard", "surgery.method=sum", "surgery.telemetry=true",
+                      "sampling.strategy=temperature", "loss.task_weighting=dwa"],
 }
 # "single": one run per task, alone, with one micro-batch per step (tasks_per_step=1) for the same
 # number of steps, so the K single-task runs together cost what one multi-task run costs and each
@@ -187,12 +198,8 @@ def run_suite(out_root: Path, variants: list[str], seeds: list[int], extra: list
         for seed in seeds:
             if variant == "single":
                 em, walls[seed] = {}, 0.0
-                for i, task in enumerate(tasks):
-                    one = json.dumps(dataclasses.asdict(cfg.tasks[i]))
-                    run = out_root / f"single-{task}" / f"seed{seed}"
-                    walls[seed] += _train_or_read(run, [f"seed={seed}", *not_tasks, f"tasks=[{one}]",
-                                                        "sharing=hard", "sampling.tasks_per_step=1"],
-                                                  nprocs, timeout, table_only)
+                for run in single_runs(out_root, cfg, seed, not_tasks, nprocs, timeout, table_only):
+                    walls[seed] += float((run / "wall_s.txt").read_text())
                     em.update(final_exact_match(run))
             elif variant == "soft-merged":
                 soft = out_root / "soft" / f"seed{seed}"
@@ -200,8 +207,11 @@ def run_suite(out_root: Path, variants: list[str], seeds: list[int], extra: list
                 em, methods[seed], walls[seed] = merge_soft(soft, out_root / "soft-merged" / f"seed{seed}")
             else:
                 run = out_root / variant / f"seed{seed}"
-                walls[seed] = _train_or_read(run, [f"seed={seed}", *extra, *VARIANTS[variant]], nprocs, timeout,
-                                             table_only)
+                overrides = [f"seed={seed}", *extra, *VARIANTS[variant]]
+                if variant == "adaptive-gap":
+                    refs = single_runs(out_root, cfg, seed, not_tasks, nprocs, timeout, table_only)
+                    overrides.append(f"sampling.reference=[{', '.join(str(r.resolve()) for r in refs)}]")
+                walls[seed] = _train_or_read(run, overrides, nprocs, timeout, table_only)
                 em = final_exact_match(run)
                 tele.append(telemetry(run))
             per_seed[seed] = em
@@ -218,6 +228,19 @@ def run_suite(out_root: Path, variants: list[str], seeds: list[int], extra: list
         tmp.write_text(text)
         tmp.rename(out_root / name)
     return results
+
+
+def single_runs(out_root: Path, cfg, seed: int, not_tasks: list[str], nprocs: int, timeout: float,
+                table_only: bool) -> list[Path]:
+    """The seed's single-task runs (trained unless finished): one per task, alone, as the suite resolved it."""
+    runs = []
+    for task in cfg.tasks:
+        one = json.dumps(dataclasses.asdict(task))
+        run = out_root / f"single-{task.name}" / f"seed{seed}"
+        _train_or_read(run, [f"seed={seed}", *not_tasks, f"tasks=[{one}]", "sharing=hard", "sampling.tasks_per_step=1"],
+                       nprocs, timeout, table_only)
+        runs.append(run)
+    return runs
 
 
 def _train_or_read(run: Path, overrides: list[str], nprocs: int, timeout: float, table_only: bool) -> float:

@@ -98,11 +98,13 @@ def accelerate_deepspeed_on_cpu() -> None:
 def measure_ours(cfg: RunConfig, clock: StepClock) -> tuple[dict, object]:
     """The trainer's loop body (mtl_scale.trainer.train_loop) without evaluation, logging and checkpoints."""
     from mtl_scale.engine import optimizer_step
-    from mtl_scale.trainer import _activator, next_step_groups, reduce_stats, setup, step_loss_scales
+    from mtl_scale.trainer import (_activator, next_step_groups, reduce_stats, setup, step_loss_scales,
+                                   step_task_weights, update_balancer)
 
     run = setup(cfg)
     activate = _activator(run)
     run.engine.train()
+    controller = []  # seconds per step in the adaptive controller itself (its update and DWA's weights)
     for step in range(cfg.max_steps):
         groups = next_step_groups(run, step)
         for _, micro_batches in groups:
@@ -110,11 +112,17 @@ def measure_ours(cfg: RunConfig, clock: StepClock) -> tuple[dict, object]:
                 clock.count(mb["attention_mask"])
         stats = optimizer_step(run.engine, groups, activate, step_loss_scales(run, groups), run.surgery,
                                run.coupling, step=step)
-        reduce_stats(run, stats)  # the per-step metrics all-reduce every training step does
+        metrics = reduce_stats(run, stats)  # the per-step metrics all-reduce every training step does
+        if run.balancer is not None:  # adaptive sampling / DWA: the controller's update, as train_loop runs it
+            t0 = time.perf_counter()
+            update_balancer(run, metrics)
+            step_task_weights(run)  # what step_loss_scales computes once per step
+            controller.append(time.perf_counter() - t0)
         clock.mark()
     info = describe(run.model, cfg.sharing, list(run.tasks))
     info.update(zero_stage=run.engine.zero_optimization_stage(), built_under_zero_init=None,
-                persistence_threshold=run.engine.zero_param_persistence_threshold())
+                persistence_threshold=run.engine.zero_param_persistence_threshold(),
+                controller_s=statistics.median(controller) if controller else None)
     return info, run.engine.device
 
 

@@ -32,10 +32,11 @@ SURGERY_METHODS = ("sum", "mean", "pcgrad", "mgda")
 DTYPES = ("fp32", "bf16", "fp16")
 QUANTIZATION = ("none", "nf4", "fp4")
 TASK_FORMATS = ("prompt_completion", "alpaca", "chat")
-SAMPLING_STRATEGIES = ("proportional", "temperature", "uniform", "manual")
+SAMPLING_STRATEGIES = ("proportional", "temperature", "uniform", "manual", "adaptive")
+ADAPTIVE_RULES = ("progress", "gap")  # mtl_scale.balancing.RULES
 LR_SCHEDULES = ("constant", "cosine", "linear")
 TRUNCATION = ("truncate", "drop")
-LOSS_WEIGHTING = ("token", "task", "manual")
+LOSS_WEIGHTING = ("token", "task", "manual", "dwa")
 
 
 @dataclass
@@ -91,18 +92,42 @@ class TaskConfig:
 
 
 @dataclass
+class AdaptiveConfig:
+    rule: str = "progress"
+    """How sampling.strategy=adaptive moves the distribution (mtl_scale/balancing.py): progress (tasks whose
+    loss still falls gain draws, flat or rising ones lose them) | gap (tasks further above their
+    sampling.reference loss gain draws)."""
+    every_steps: int = 10
+    """Update the distribution every N optimizer steps (and at every evaluation, from held-out losses)."""
+    eta: float | None = None
+    """Step size of w <- w * exp(eta * delta); None: the rule's default (progress 5.0, gap 1.0)."""
+    floor: float = 0.2
+    """Share of the draws spread uniformly over all tasks, so no task drops below floor / K."""
+    ema_decay: float = 0.9
+    """Decay of the per-task train-loss moving average the rules read between evaluations."""
+
+
+@dataclass
 class SamplingConfig:
     strategy: str = "proportional"
     """Which task each micro-batch group comes from: proportional (p ∝ n) | temperature
-    (p ∝ n^(1/T)) | uniform | manual (``weights``)."""
+    (p ∝ n^(1/T)) | uniform | manual (``weights``) | adaptive (starts at the temperature distribution
+    and follows per-task losses during training, see ``adaptive``)."""
     temperature: float = 1.0
-    """T for strategy=temperature: 1 is proportional, large T approaches uniform."""
+    """T for strategy=temperature, and of the prior strategy=adaptive starts from: 1 is proportional,
+    large T approaches uniform."""
     weights: dict[str, float] = field(default_factory=dict)
     """Per-task weights for strategy=manual (normalised to sum 1)."""
     tasks_per_step: int = 4
     """Task draws per optimizer step (with replacement; repeated draws of a task are grouped)."""
     micro_batches_per_task: int = 1
     """Micro-batches per task draw. Gradient accumulation = tasks_per_step * micro_batches_per_task."""
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    """The controller of strategy=adaptive."""
+    reference: list[str] = field(default_factory=list)
+    """Per-task reference losses for adaptive.rule=gap: eval.json files written by launch/evaluate.py, or run
+    directories (their metrics.jsonl's last eval/loss/<task>), e.g. the single-task runs; the first path that
+    has a task gives its reference."""
 
 
 @dataclass
@@ -138,13 +163,25 @@ class CheckpointConfig:
 
 
 @dataclass
+class DwaConfig:
+    temperature: float = 2.0
+    """T of w_k = K * softmax(r_k / T), r_k the ratio of task k's last two train-loss averages: larger T
+    keeps the weights nearer 1."""
+    ema_decay: float = 0.9
+    """Decay of the per-task train-loss moving average whose successive values give r_k."""
+
+
+@dataclass
 class LossConfig:
     task_weighting: str = "token"
     """How a step's losses combine (see mtl_scale/loss_weighting.py): token (every completion token of
     the step weighs the same) | task (each task's token-mean loss, tasks weighted equally) |
-    manual (``weights`` times each task's token-mean loss)."""
+    manual (``weights`` times each task's token-mean loss) | dwa (as manual, with weights from Dynamic
+    Weight Average: tasks whose loss falls slower weigh more)."""
     weights: dict[str, float] = field(default_factory=dict)
     """Per-task loss weights for task_weighting=manual."""
+    dwa: DwaConfig = field(default_factory=DwaConfig)
+    """Dynamic Weight Average for task_weighting=dwa."""
 
 
 @dataclass
@@ -389,6 +426,27 @@ def validate(cfg: RunConfig, where: str = "<config>") -> None:
         _check_weights(where, "sampling.weights", cfg.sampling.weights, names)
     if cfg.loss.task_weighting == "manual":
         _check_weights(where, "loss.weights", cfg.loss.weights, names)
+    _check_adaptive(cfg, where)
+
+
+def _check_adaptive(cfg: RunConfig, where: str) -> None:
+    s, a = cfg.sampling, cfg.sampling.adaptive
+    _one_of(where, "sampling.adaptive.rule", a.rule, ADAPTIVE_RULES)
+    _positive(where, "sampling.adaptive.every_steps", a.every_steps)
+    if a.eta is not None:
+        _positive(where, "sampling.adaptive.eta", a.eta)
+    _positive(where, "loss.dwa.temperature", cfg.loss.dwa.temperature)
+    if not 0 <= a.floor <= 1:
+        raise ConfigError(f"{where}: sampling.adaptive.floor must be in [0, 1], got {a.floor}")
+    for key in ("sampling.adaptive.ema_decay", "loss.dwa.ema_decay"):
+        if not 0 <= _get(cfg, key) < 1:
+            raise ConfigError(f"{where}: {key} must be in [0, 1), got {_get(cfg, key)}")
+    if s.strategy == "adaptive" and a.rule == "gap" and not s.reference:
+        raise ConfigError(f"{where}: sampling.adaptive.rule=gap needs sampling.reference: eval.json files "
+                          "(launch/evaluate.py) or run directories holding each task's reference loss")
+    if s.reference and not (s.strategy == "adaptive" and a.rule == "gap"):
+        raise ConfigError(f"{where}: sampling.reference is read only by sampling.strategy=adaptive with "
+                          f"sampling.adaptive.rule=gap (here strategy={s.strategy}, rule={a.rule}); remove it")
 
 
 def _check_weights(where: str, key: str, weights: dict[str, float], names: set[str]) -> None:

@@ -14,6 +14,9 @@ scale chosen so that this equals the objective of the mode:
   (MFTCoder's balanced mode). scale[t] = world * gas / (K * T_t).
 - ``manual``: L = sum_t w_t * S_t / T_t with w normalised over the step's tasks.
   scale[t] = world * gas * w_t / (sum_{t' in step} w_t' * T_t).
+- ``dwa``:    the ``manual`` objective with weights that change from step to step (Dynamic Weight
+  Average, mtl_scale/balancing.py: w_k = K * softmax(r_k / T) from all-reduced losses, so the same on
+  every rank); the weights are fixed before the step's first backward, so the contract stays exact.
 
 T and T_t need one all-reduce of K token counts per step, made before the first backward (all of
 a step's micro-batches are assembled up front). Tested against a direct computation of L in
@@ -21,7 +24,7 @@ tests/test_loss_weighting.py and end to end in tests/test_equivalence.py.
 """
 from __future__ import annotations
 
-MODES = ("token", "task", "manual")
+MODES = ("token", "task", "manual", "dwa")
 
 
 def loss_scales(mode: str, task_tokens: dict[str, int], world: int, gas: int,
@@ -29,7 +32,7 @@ def loss_scales(mode: str, task_tokens: dict[str, int], world: int, gas: int,
     """Per-task factor that turns a micro-batch's summed NLL into the loss passed to ``backward``.
 
     ``task_tokens``: completion tokens per task in this step, summed over all ranks (tasks not in
-    the step are absent).
+    the step are absent). ``weights``: per-task weights for ``manual`` and ``dwa``.
     """
     if mode == "token":
         total = sum(task_tokens.values())
@@ -37,7 +40,7 @@ def loss_scales(mode: str, task_tokens: dict[str, int], world: int, gas: int,
     if mode == "task":
         k = len(task_tokens)
         return {t: world * gas / (k * n) for t, n in task_tokens.items()}
-    if mode == "manual":
+    if mode in ("manual", "dwa"):
         w = {t: float(weights[t]) for t in task_tokens}
         z = sum(w.values())
         if z == 0:  # every task in this step has weight 0: nothing to learn from it

@@ -3,7 +3,9 @@
     python -m mtl_scale.report runs/demo      # (re)build the report of a finished run
 
 Plots: per-task train loss (smoothed) with held-out eval loss; held-out exact match over steps; the
-realised sampling mix over time against the target probabilities. Table: final per-task metrics.
+realised sampling mix over time against the target probabilities; with adaptive sampling, the target
+probabilities' trajectories beside the held-out loss, and a line naming the task the controller favoured
+and when. Table: final per-task metrics.
 """
 from __future__ import annotations
 
@@ -98,6 +100,7 @@ def write_report(output_dir: str | Path) -> Path:
     plt.close(fig)
 
     cosine_section = _cosine_heatmap(records, tasks, plots, plt)
+    balancing_section = _balancing(records, tasks, colors, plots, plt)
 
     last = records[-1] if records else {}
     lines = ["# Run report", "", f"Run directory: `{out}` — {last.get('step', 0)} optimizer steps.", "",
@@ -114,12 +117,59 @@ def write_report(output_dir: str | Path) -> Path:
                      f"{f'{100 * ev_em[-1]:.1f}%' if ev_em else '-'} |")
     lines += ["", "## Loss", "", "![per-task loss](plots/loss.png)", "",
               "## Held-out exact match", "", "![exact match](plots/exact_match.png)", "",
-              "## Sampling mix", "", "![sampling mix](plots/sampling_mix.png)", "", *cosine_section]
+              "## Sampling mix", "", "![sampling mix](plots/sampling_mix.png)", "", *balancing_section,
+              *cosine_section]
     path = out / "report.md"
     tmp = path.with_name("report.md.tmp")
     tmp.write_text("\n".join(lines))
     tmp.rename(path)
     return path
+
+
+def favoured(records: list[dict], tasks: list[str]) -> str | None:
+    """One line: the task whose target probability rose most above its first value, its peak and when; None
+    when the targets never moved (a fixed sampling strategy)."""
+    best = None
+    for t in tasks:
+        steps, p = _series(records, f"sampling_prob/{t}")
+        if not p:
+            continue
+        peak = max(range(len(p)), key=lambda i: p[i])
+        gain = p[peak] - p[0]
+        if gain > 0 and (best is None or gain > best[0]):
+            best = (gain, t, steps[0], p[0], steps[peak], p[peak], p[-1])
+    if best is None:
+        return None
+    _, t, s0, p0, sp, pp, last = best
+    return (f"The controller favoured **{t}** most: its target probability rose from {p0:.3f} at step {s0} to a "
+            f"peak of {pp:.3f} at step {sp} ({last:.3f} at the end).")
+
+
+def _balancing(records: list[dict], tasks: list[str], colors: dict, plots: Path, plt) -> list[str]:
+    """Adaptive sampling: target probability per task over steps, beside the held-out loss (train-loss EMA
+    where the run has no evaluation during training)."""
+    line = favoured(records, tasks)
+    if line is None:
+        return []
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for t in tasks:
+        steps, vals = _series(records, f"sampling_prob/{t}")
+        left.plot(steps, vals, color=colors[t], label=t, drawstyle="steps-post")  # constant between updates
+        steps, vals = _series(records, f"eval/loss/{t}")
+        if len(steps) > 1:
+            right.plot(steps, vals, "o-", color=colors[t], label=f"{t} eval")
+        else:
+            steps, vals = _series(records, f"loss/{t}")
+            right.plot(steps, _ema(vals), color=colors[t], label=f"{t} train (EMA)")
+    left.set(xlabel="optimizer step", ylabel="target probability", title="Adaptive sampling: target probabilities")
+    right.set(xlabel="optimizer step", ylabel="completion-token loss", title="Per-task loss", yscale="log")
+    for ax in (left, right):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plots / "balancing.png", dpi=110)
+    plt.close(fig)
+    return ["## Adaptive balancing", "", line, "", "![target probabilities and loss](plots/balancing.png)", ""]
 
 
 def _cosine_heatmap(records: list[dict], tasks: list[str], plots: Path, plt) -> list[str]:

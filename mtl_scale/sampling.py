@@ -17,10 +17,11 @@ from mtl_scale.config import SamplingConfig
 
 
 def task_probabilities(sizes: dict[str, int], cfg: SamplingConfig) -> dict[str, float]:
-    """p_t for each task: proportional (∝ n_t), temperature (∝ n_t^(1/T)), uniform, or manual."""
+    """p_t for each task: proportional (∝ n_t), temperature (∝ n_t^(1/T)), uniform, or manual; for adaptive,
+    the temperature distribution it starts from (mtl_scale/balancing.py moves it during training)."""
     if cfg.strategy == "proportional":
         w = {t: float(n) for t, n in sizes.items()}
-    elif cfg.strategy == "temperature":
+    elif cfg.strategy in ("temperature", "adaptive"):  # adaptive: the prior its controller starts from
         w = {t: float(n) ** (1.0 / cfg.temperature) for t, n in sizes.items()}
     elif cfg.strategy == "uniform":
         w = {t: 1.0 for t in sizes}

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from mtl_scale import adapters, checkpoint, shared_fs, zero3_adapters
+from mtl_scale.balancing import DEFAULT_ETA, Balancer, BalancerConfig, reference_losses
 from mtl_scale.config import RunConfig, to_dict
 from mtl_scale.data.formatting import collate, completion_tokens
 from mtl_scale.data.prepare import TaskData, data_summary, prepare_tasks
@@ -30,7 +31,7 @@ from mtl_scale.loss_weighting import loss_scales
 from mtl_scale.model import load_model, load_tokenizer, resolve_model_path
 from mtl_scale.process_group import free_port
 from mtl_scale.errors import TrainingAborted, UserError
-from mtl_scale.sampling import TaskSampler
+from mtl_scale.sampling import TaskSampler, task_probabilities
 from mtl_scale.surgery import cosine_matrix
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class Run:
     hf_ds_config: object = None  # keeps transformers' ZeRO-3 integration alive for the run
     surgery: Surgery | None = None
     coupling: Coupling | None = None
+    balancer: Balancer | None = None
+    """The adaptive controller (sampling.strategy=adaptive, loss.task_weighting=dwa), else None."""
     resume_from: Path | None = None
     """The checkpoint every rank agreed to resume from (``resume``), restored by ``train``."""
     step: int = 0
@@ -141,6 +144,7 @@ def setup(cfg: RunConfig) -> Run:
     from transformers.integrations import HfDeepSpeedConfig
 
     # Everything that can fail on bad input happens before the process group exists.
+    check_output_dir_path(cfg.output_dir)
     try:  # this rank's view only: a wrong resume is raised below, on every rank together
         local_resume = checkpoint.resolve_resume(cfg)
     except UserError as e:
@@ -148,6 +152,7 @@ def setup(cfg: RunConfig) -> Run:
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     tasks = prepare_tasks(cfg, tokenizer)
+    balancer = make_balancer(cfg, {t: len(d.train) for t, d in tasks.items()})  # reads sampling.reference
     hidden = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code),
                      "hidden_size", 1024)
 
@@ -180,13 +185,41 @@ def setup(cfg: RunConfig) -> Run:
         zero3_adapters.cache_parameter_lists(model)
         zero3_adapters.keep_persistent_gathered(engine.optimizer)
     sampler = TaskSampler({t: len(d.train) for t, d in tasks.items()}, cfg.sampling, cfg.seed, rank, world)
+    if balancer is not None:
+        sampler.probs = dict(balancer.probs)
     surgery, coupling = _surgery_and_coupling(cfg, model, names, zero_stage(ds_config))
     if rank == 0:
         log.info("world %d, ZeRO stage %d, sharing=%s, adapters %s, trainable parameters %d",
                  world, zero_stage(ds_config), cfg.sharing, adapters.adapter_names(cfg.sharing, list(tasks)),
                  sum(getattr(p, "ds_numel", p.numel()) for p in trainable))
     return Run(cfg, rank, world, model_path, tokenizer, tasks, model, engine, sampler, ds_config, hf_ds_config,
-               surgery=surgery, coupling=coupling, resume_from=resume_from)
+               surgery=surgery, coupling=coupling, balancer=balancer, resume_from=resume_from)
+
+
+def check_output_dir_path(output_dir: str) -> None:
+    """Refuse an ``output_dir`` that is a file, or lies under one: every write into it would fail, the first
+    of them only mid-run."""
+    path = Path(output_dir)
+    for existing in (p for p in [path, *path.parents] if p.exists()):
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"lies under {existing}, which is a file"
+            raise UserError(f"output_dir={output_dir!r} {where}, not a directory; give a directory for adapters, "
+                            "checkpoints and metrics (it is created if missing)")
+        return
+
+
+def make_balancer(cfg: RunConfig, sizes: dict[str, int]) -> Balancer | None:
+    """The controller of adaptive sampling and DWA loss weights, or None when neither is configured."""
+    adaptive, dwa = cfg.sampling.strategy == "adaptive", cfg.loss.task_weighting == "dwa"
+    if not (adaptive or dwa):
+        return None
+    a = cfg.sampling.adaptive
+    gap = adaptive and a.rule == "gap"
+    return Balancer(list(sizes), task_probabilities(sizes, cfg.sampling), BalancerConfig(
+        rule=a.rule if adaptive else None, eta=DEFAULT_ETA[a.rule] if a.eta is None else a.eta, floor=a.floor,
+        every_steps=a.every_steps, ema_decay=a.ema_decay,
+        reference=reference_losses(cfg.sampling.reference, list(sizes)) if gap else {},
+        dwa_temperature=cfg.loss.dwa.temperature if dwa else None, dwa_ema_decay=cfg.loss.dwa.ema_decay))
 
 
 def _surgery_and_coupling(cfg: RunConfig, model, names: list[str], stage: int):
@@ -243,6 +276,11 @@ def absent_parameters(run: Run, groups) -> list[torch.nn.Parameter]:
     return [p for name, params in run.adapter_params.items() if name not in used for p in params]
 
 
+def step_task_weights(run: Run) -> dict[str, float]:
+    """The task weights of this step's objective: DWA's from the controller, else ``loss.weights`` (manual)."""
+    return run.balancer.loss_weights() if run.cfg.loss.task_weighting == "dwa" else run.cfg.loss.weights
+
+
 def step_loss_scales(run: Run, groups) -> dict[str, float]:
     """Per-task loss scales for this step (loss_weighting.py), from completion-token counts summed
     over ranks: one all-reduce of K numbers before the step's first backward."""
@@ -254,7 +292,7 @@ def step_loss_scales(run: Run, groups) -> dict[str, float]:
     torch.distributed.all_reduce(counts)
     in_step = {t: int(c) for t, c in zip(names, counts.tolist()) if t in dict(groups)}
     return loss_scales(run.cfg.loss.task_weighting, in_step, run.world, gradient_accumulation_steps(run.cfg),
-                       run.cfg.loss.weights)
+                       step_task_weights(run))
 
 
 def reduce_stats(run: Run, stats: StepStats) -> dict[str, float]:
@@ -312,6 +350,8 @@ def train_loop(run: Run) -> None:
             stats = optimizer_step(run.engine, groups, activate, step_loss_scales(run, groups),
                                    run.surgery, run.coupling, step=run.step, absent=absent_parameters(run, groups))
             metrics = reduce_stats(run, stats)
+            if cfg.loss.task_weighting == "dwa":
+                metrics.update({f"loss_weight/{t}": w for t, w in step_task_weights(run).items()})
             # DeepSpeed skips the update on every rank when the all-reduced gradient norm is not finite
             skipped = not run.engine.was_step_applied()
             run.consecutive_skips = run.consecutive_skips + 1 if skipped else 0
@@ -335,7 +375,8 @@ def train_loop(run: Run) -> None:
             for task, n in run.micro_batches_seen.items():
                 metrics[f"samples/{task}"] = n * cfg.micro_batch_size * run.world
                 metrics[f"mix/{task}"] = n / total  # the realised sampling mix so far
-                metrics[f"sampling_prob/{task}"] = run.sampler.probs[task]
+                metrics[f"draws/{task}"] = n  # cumulative micro-batches of the task: its effective draws
+                metrics[f"sampling_prob/{task}"] = run.sampler.probs[task]  # the target this step was drawn from
             if run.step == cfg.max_steps:
                 # Saved before the final evaluation: an eval that dies (out of memory, say) keeps the run.
                 save_adapters(run)
@@ -343,6 +384,8 @@ def train_loop(run: Run) -> None:
                 metrics.update(evaluate_during_training(run.model, run.tokenizer, run.tasks, cfg.eval,
                                                         activate, run.rank, run.world))
                 run.engine.train()
+            if run.balancer is not None:
+                update_balancer(run, metrics)
             run.history.append({"step": run.step, **metrics})
             if writer:
                 if run.step % cfg.log_every == 0 or run.step == cfg.max_steps or any(k.startswith("eval/") for k in metrics):
@@ -359,6 +402,15 @@ def train_loop(run: Run) -> None:
     finally:
         if writer:
             writer.close()
+
+
+def update_balancer(run: Run, metrics: dict[str, float]) -> None:
+    """Feed the controller this step's per-task train losses and, after an evaluation, the held-out ones;
+    both are all-reduced, so every rank computes the same probabilities. They drive the next step's draws."""
+    run.balancer.observe_step({t: metrics[f"loss/{t}"] for t in run.tasks if f"loss/{t}" in metrics})
+    held_out = {t: metrics[f"eval/loss/{t}"] for t in run.tasks if f"eval/loss/{t}" in metrics}
+    if run.balancer.update(run.step, held_out or None):
+        run.sampler.probs = dict(run.balancer.probs)
 
 
 def _any_rank(run: Run, flag: bool) -> bool:
@@ -379,6 +431,8 @@ def _step_of(line: str) -> float:
 def save_checkpoint(run: Run) -> Path:
     state = {"step": run.step, "sampler": run.sampler.state_dict(), "micro_batches_seen": run.micro_batches_seen,
              "consecutive_skips": run.consecutive_skips, "torch_rng": torch.get_rng_state()}
+    if run.balancer is not None:  # probabilities, loss EMAs, the rule's weights and history
+        state["balancer"] = run.balancer.state_dict()
     if torch.cuda.is_available():  # dropout on GPU draws from the CUDA generator
         state["cuda_rng"] = torch.cuda.get_rng_state()
     return checkpoint.save(run.engine, run.rank, run.step, run.cfg, state)
@@ -390,6 +444,9 @@ def restore(run: Run, ckpt: Path) -> None:
     run.sampler.load_state_dict(state["sampler"])
     run.micro_batches_seen = state["micro_batches_seen"]
     run.consecutive_skips = state["consecutive_skips"]
+    if run.balancer is not None:
+        run.balancer.load_state_dict(state["balancer"])
+        run.sampler.probs = dict(run.balancer.probs)
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng"])

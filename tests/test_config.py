@@ -125,3 +125,15 @@ def test_zero3_cpu_offload_with_soft_adapters_builds(tmp_path):
     built = build_ds_config(load_config("configs/demo.yaml", ["sharing=soft", f"deepspeed_config={tmp_path / 'ds.json'}"]),
                             2, 128)
     assert built["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    from mtl_scale.errors import UserError
+    from mtl_scale.trainer import check_output_dir_path
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match=r"output_dir='.*/f' is a file, not a directory"):
+        check_output_dir_path(str(tmp_path / "f"))
+    with pytest.raises(UserError, match=r"output_dir='.*/f/run' lies under .*/f, which is a file, not a directory"):
+        check_output_dir_path(str(tmp_path / "f" / "run"))
+    check_output_dir_path(str(tmp_path / "new" / "run"))  # missing directories are fine: they get created
+    check_output_dir_path(str(tmp_path))

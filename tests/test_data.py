@@ -228,3 +228,18 @@ def test_held_out_drops_and_duplicates_reach_the_data_summary(tmp_path, tiny_tok
                               "duplicates_removed": 5}}
     assert "task qa: 5 exact duplicate rows removed" in caplog.text
     assert f"task qa: held-out: 0 examples truncated, {held_long} dropped" in caplog.text
+
+
+def test_empty_file_and_directory_sources_say_so(tmp_path):
+    for name, text in (("blank.jsonl", ""), ("lines.jsonl", "\n  \n"), ("e.csv", "")):
+        (tmp_path / name).write_text(text)
+    with pytest.raises(UserError, match=r"task 't': data file .*blank.jsonl has no examples \(no JSON object on any line\)"):
+        load_rows(_task(tmp_path / "blank.jsonl"))
+    with pytest.raises(UserError, match=r"lines.jsonl has no examples"):
+        load_rows(_task(tmp_path / "lines.jsonl"))
+    with pytest.raises(UserError, match=r"e.csv is empty: it has no examples"):
+        load_rows(_task(tmp_path / "e.csv"))
+    (tmp_path / "folder.jsonl").mkdir()
+    for folder in (tmp_path, tmp_path / "folder.jsonl"):
+        with pytest.raises(UserError, match=rf"task 't': source {folder} is a directory; give a data file \(.jsonl"):
+            load_rows(_task(folder))

@@ -31,7 +31,7 @@ def _missing_column(tmp_path):
 def _empty_task(tmp_path):
     f = tmp_path / "empty.jsonl"
     f.write_text("")
-    return _config(tmp_path, f"{{name: nothing, source: '{f}'}}"), "task 'nothing'"
+    return _config(tmp_path, f"{{name: nothing, source: '{f}'}}"), f"task 'nothing': data file {f} has no examples"
 
 
 def _missing_model(tmp_path):
@@ -57,8 +57,20 @@ def _not_causal_lm(tmp_path):
             "is a ViTConfig, not a causal language model")
 
 
+def _output_dir_is_a_file(tmp_path):
+    (tmp_path / "out").write_text("not a directory\n")
+    return (_config(tmp_path, "{name: copy, source: 'builtin:copy', num_examples: 20, eval_size: 2}"),
+            f"output_dir={str(tmp_path / 'out')!r} is a file, not a directory; give a directory for adapters, "
+            "checkpoints and metrics (it is created if missing)")
+
+
+def _source_is_a_directory(tmp_path):
+    return (_config(tmp_path, f"{{name: folder, source: '{tmp_path}'}}"),
+            f"task 'folder': source {tmp_path} is a directory; give a data file")
+
+
 @pytest.mark.parametrize("make", [_bad_jsonl, _missing_column, _empty_task, _missing_model, _unknown_format,
-                                  _not_causal_lm],
+                                  _not_causal_lm, _output_dir_is_a_file, _source_is_a_directory],
                          ids=lambda f: f.__name__.strip("_"))
 def test_bad_input_fails_cleanly_on_every_rank(make, tmp_path, tiny_model_dir):
     config, message = make(tmp_path)
@@ -67,3 +79,4 @@ def test_bad_input_fails_cleanly_on_every_rank(make, tmp_path, tiny_model_dir):
     assert "mtl_scale: error: " in res.stdout and message in res.stdout, res.stdout[-3000:]
     assert "Traceback" not in res.stdout, res.stdout[-3000:]
     assert not (tmp_path / "out" / "adapters").exists()
+    assert "connection closed by peer" not in res.stdout.lower(), res.stdout[-3000:]

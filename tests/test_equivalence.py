@@ -1,9 +1,10 @@
 """The correctness oracle: adapters trained under ZeRO-3 on 2 ranks equal the same algorithm run on
 full, unsharded gradients in one process on the same examples (to float tolerance).
 
-The reference computes each step's objective (token-, task- or manually weighted, see
+The reference computes each step's objective (token-, task-, manually or DWA-weighted, see
 mtl_scale/loss_weighting.py) straight from its definition on all ranks' examples, backpropagates it
-once, then clips over all trainable parameters and steps AdamW and the LR schedule.
+once, then clips over all trainable parameters and steps AdamW and the LR schedule. DWA's weights come
+from the reference's own per-task losses (balancing.dwa_weights of their moving averages), not from the run.
 
 Adam's eps is raised to 1e-3 here (the shipped configs use 1e-8): Adam divides each element by its
 running gradient magnitude, so with a tiny eps an element whose gradient is ~1e-8 moves by ±lr on
@@ -28,8 +29,11 @@ ARGS = ["max_steps=5", "micro_batch_size=3", "sampling.tasks_per_step=3", "lora.
        [f"tasks.{i}.{k}" for i in range(4) for k in ("num_examples=24", "eval_size=4")]
 
 
-def reference_adapters(cfg, model_dir, drawn_per_rank):
+def reference_adapters(cfg, model_dir, drawn_per_rank, dwa_log=None):
+    """``dwa_log``: a list that receives each step's DWA weights (loss.task_weighting=dwa)."""
     from peft.utils import get_peft_model_state_dict
+
+    from mtl_scale.balancing import dwa_weights, ema
 
     from mtl_scale import adapters
     from mtl_scale.data.formatting import collate, token_loss_sum
@@ -51,6 +55,7 @@ def reference_adapters(cfg, model_dir, drawn_per_rank):
     gas = gradient_accumulation_steps(cfg)
     for p in params:  # DeepSpeed's flat fp32 partition steps every adapter every step (one Adam step count)
         p.grad = torch.zeros_like(p)
+    loss_ema, loss_ema_prev = {}, {}  # per task, after the previous step and the one before (DWA)
     for step in range(cfg.max_steps):
         # Forward every micro-batch of the step (both ranks' examples), grouped by task in schedule order.
         sums, counts = {}, {}  # per task: summed NLL (a graph) and completion tokens
@@ -71,8 +76,15 @@ def reference_adapters(cfg, model_dir, drawn_per_rank):
         elif cfg.loss.task_weighting == "task":
             coef = {t: 1 / (len(sums) * counts[t]) for t in sums}
         else:
-            z = sum(cfg.loss.weights[t] for t in sums)
-            coef = {t: cfg.loss.weights[t] / (z * counts[t]) for t in sums}
+            w = cfg.loss.weights
+            if cfg.loss.task_weighting == "dwa":
+                w = dwa_weights(list(tasks), loss_ema, loss_ema_prev, cfg.loss.dwa.temperature)
+                dwa_log.append(w)
+            z = sum(w[t] for t in sums)
+            coef = {t: w[t] / (z * counts[t]) for t in sums}
+        loss_ema_prev = dict(loss_ema)
+        for t in sums:
+            loss_ema[t] = ema(loss_ema.get(t), float(sums[t].detach()) / counts[t], cfg.loss.dwa.ema_decay)
         # Per-task gradients of the shared adapter on full, unsharded tensors: one backward per task.
         task_grads = []
         for t in sums:
@@ -127,6 +139,10 @@ CASES = {  # id: overrides
     "soft-offload-absent": ["sharing=soft", "offload=cpu", "weight_decay=0.1",
                             "sampling.weights={copy: 1, reverse: 1, sort: 1, add: 0}", "sampling.strategy=manual"],
     "hybrid-pcgrad-offload": ["sharing=hybrid", "surgery.method=pcgrad", "offload=cpu"],
+    # Dynamic loss weights and a distribution that moves every step (a large eta makes it move visibly).
+    "hybrid-dwa-adaptive": ["sharing=hybrid", "loss.task_weighting=dwa", "loss.dwa.temperature=0.05",
+                            "sampling.strategy=adaptive", "sampling.adaptive.every_steps=1",
+                            "sampling.adaptive.eta=50"],
 }
 
 
@@ -152,13 +168,20 @@ def test_zero3_two_ranks_equals_single_process_reference(case, tmp_path, tiny_mo
         # the case ZeRO-3 gets wrong by itself: an adapter absent from a step's first micro-batch
         firsts = [drawn[0][s * 3]["task"] for s in range(5)]
         assert any(d["task"] not in (firsts[s],) for s in range(5) for d in drawn[0][s * 3:(s + 1) * 3])
-    expected = reference_adapters(cfg, tiny_model_dir, drawn)
+    dwa_log = []
+    expected = reference_adapters(cfg, tiny_model_dir, drawn, dwa_log)
+    if cfg.loss.task_weighting == "dwa":  # the run weighted its losses as the reference did
+        for m, w in zip(metrics, dwa_log, strict=True):
+            assert {t: m[f"loss_weight/{t}"] for t in w} == pytest.approx(w, rel=1e-5)
+        assert max(abs(v - 1) for w in dwa_log for v in w.values()) > 0.05  # weights far from uniform
+    if cfg.sampling.strategy == "adaptive":
+        check_adaptive_draws(cfg, metrics, drawn)
     for name, ref in expected.items():
         got = load_file(tmp_path / "adapters" / name / "adapter_model.safetensors")
         assert got.keys() == ref.keys()
         for key in ref:
             torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-4, msg=f"{name} {key}")
-        never_drawn = cfg.sampling.strategy == "manual" and cfg.sampling.weights.get(name) == 0
+        never_drawn = name in cfg_tasks(cfg) and all(d["task"] != name for d in drawn[0])
         moved = sum((ref[k] != 0).any() for k in ref if "lora_B" in k)
         assert (moved == 0) if never_drawn else (moved > 0), f"adapter {name}: moved {moved} lora_B matrices"
     for name in [n for n, w in cfg.sampling.weights.items() if w == 0 and cfg.sampling.strategy == "manual"]:
@@ -168,6 +191,24 @@ def test_zero3_two_ranks_equals_single_process_reference(case, tmp_path, tiny_mo
         assert got.keys() == init.keys()
         for key in init:  # bit for bit: weight decay and Adam's momentum never touched it
             assert torch.equal(got[key], init[key]), f"never-drawn adapter {name} changed: {key}"
+
+
+def cfg_tasks(cfg):
+    return [t.name for t in cfg.tasks]
+
+
+def check_adaptive_draws(cfg, metrics, drawn):
+    """The probabilities moved, and each step's draws (identical on both ranks, checked by the reference) are
+    step_plan(seed, step, the probabilities logged for that step): nothing else enters them."""
+    from mtl_scale.sampling import step_plan
+
+    tasks = [t.name for t in cfg.tasks]
+    probs = [{t: m[f"sampling_prob/{t}"] for t in tasks} for m in metrics]
+    assert max(abs(p[t] - probs[0][t]) for p in probs for t in tasks) > 0.05, probs
+    gas = cfg.sampling.tasks_per_step * cfg.sampling.micro_batches_per_task
+    for step, p in enumerate(probs):
+        planned = [t for t, n in step_plan(step, p, cfg.sampling, cfg.seed) for _ in range(n)]
+        assert [d["task"] for d in drawn[0][step * gas:(step + 1) * gas]] == planned
 
 
 def initial_adapter(cfg, model_dir, name):

@@ -56,3 +56,11 @@ def test_hand_computed_token_scale():
     # 2 ranks, 4 micro-steps, 100 completion tokens in the step: scale = 2 * 4 / 100
     assert loss_scales("token", {"a": 60, "b": 40}, world=2, gas=4) == {"a": 0.08, "b": 0.08}
     assert loss_scales("task", {"a": 60, "b": 40}, world=2, gas=4) == pytest.approx({"a": 8 / 120, "b": 8 / 80})
+
+
+def test_dwa_weighting_is_the_weighted_mean_of_task_token_means():
+    # DWA's weights are chosen before the step (balancing.dwa_weights); the objective is manual's with them
+    micro = [("a", [(10.0, 5), (6.0, 5)]), ("b", [(3.0, 1), (1.0, 3)])]
+    weights = {"a": 0.5, "b": 1.5, "c": 2.0}  # sum K = 3; c is not in this step
+    got = _engine_objective(micro, 2, 2, loss_scales("dwa", _tokens(micro), 2, 2, weights))
+    assert got == pytest.approx(0.25 * (16 / 10) + 0.75 * (4 / 4), rel=1e-12)

@@ -89,3 +89,28 @@ def test_a_tiny_suite_reports_what_its_runs_measured(tmp_path, tiny_model_dir):
     res = subprocess.run([*cmd, "--table-only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "$ " not in res.stdout, res.stdout[-3000:]
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(before)
+
+
+@pytest.mark.dist
+def test_adaptive_variants_run_and_gap_reads_the_single_runs(tmp_path, tiny_model_dir):
+    """adaptive-gap trains the seed's single-task runs first and steers toward their final held-out losses."""
+    import subprocess
+    tasks = ("tasks=[{name: copy, source: 'builtin:copy', num_examples: 40, eval_size: 4}, "
+             "{name: reverse, source: 'builtin:reverse', num_examples: 40, eval_size: 4}]")
+    cmd = [sys.executable, "bench/quality.py", "--variants", "adaptive-gap", "hard-dwa-temp", "--seeds", "0",
+           "--out", str(tmp_path), "--timeout", "300", "--set", tasks, "max_steps=3", "micro_batch_size=4",
+           "sampling.tasks_per_step=2", "eval.max_examples=4", "eval.max_new_tokens=2",
+           "sampling.adaptive.every_steps=1"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["variants"]) == ["adaptive-gap", "hard-dwa-temp"]
+    import yaml
+    gap_cfg = yaml.safe_load((tmp_path / "adaptive-gap" / "seed0" / "config.yaml").read_text())
+    assert gap_cfg["sampling"]["strategy"] == "adaptive" and gap_cfg["sampling"]["adaptive"]["rule"] == "gap"
+    assert gap_cfg["sampling"]["reference"] == [str((tmp_path / f"single-{t}" / "seed0").resolve())
+                                                for t in ("copy", "reverse")]
+    records = [json.loads(line) for line in (tmp_path / "adaptive-gap" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["sampling_prob/copy"] != records[-1]["sampling_prob/copy"]  # the controller moved p
+    dwa = [json.loads(line) for line in (tmp_path / "hard-dwa-temp" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss_weight/copy" in r for r in dwa)

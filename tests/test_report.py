@@ -41,3 +41,28 @@ def test_report_cosine_heatmap(tmp_path):
     assert "Mean fraction of conflicting task pairs per step (cosine < 0): 0.50; PCGrad projections applied: 2." in report
     img = mpimg.imread(tmp_path / "plots" / "grad_cosine.png")
     assert img.std() > 0.01
+
+
+def test_report_adaptive_probability_trajectories(tmp_path):
+    recs = []
+    for step in range(1, 31):
+        p_add = 0.25 + 0.01 * min(step, 20) - 0.005 * max(step - 20, 0)  # peaks at 0.45 at step 20
+        r = {"step": step, "loss/copy": 1.0, "loss/add": 3.0 / step,
+             "sampling_prob/copy": 1 - p_add, "sampling_prob/add": p_add}
+        if step % 10 == 0:
+            r.update({"eval/loss/copy": 1.0, "eval/loss/add": 4.0 / step})
+        recs.append(r)
+    recs[0]["sampling_prob/copy"], recs[0]["sampling_prob/add"] = 0.75, 0.25
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    report = write_report(tmp_path).read_text()
+    assert ("The controller favoured **add** most: its target probability rose from 0.250 at step 1 to a peak of "
+            "0.450 at step 20 (0.400 at the end).") in report
+    img = mpimg.imread(tmp_path / "plots" / "balancing.png")
+    assert img.shape[1] > 800 and img.std() > 0.01
+
+
+def test_report_without_adaptive_sampling_has_no_balancing_section(tmp_path):
+    recs = [{"step": s, "loss/a": 1.0, "sampling_prob/a": 0.5, "sampling_prob/b": 0.5} for s in range(1, 5)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    assert "Adaptive balancing" not in write_report(tmp_path).read_text()
+    assert not (tmp_path / "plots" / "balancing.png").exists()

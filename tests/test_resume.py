@@ -28,17 +28,24 @@ def _adapters(out):
     return {p.name: load_file(p / "adapter_model.safetensors") for p in sorted((out / "adapters").iterdir())}
 
 
+# The adaptive controller updates at steps 2, 4 (with an evaluation), 6, 8, so the kill at step 5 falls between
+# updates and the checkpoint at step 3 must carry its moving averages and weights; DWA reweights every step.
+ADAPTIVE = ["sampling.strategy=adaptive", "sampling.adaptive.every_steps=2", "sampling.adaptive.eta=50",
+            "loss.task_weighting=dwa", "loss.dwa.temperature=0.05", "eval.every_steps=4", "eval.max_new_tokens=2"]
+
+
 @pytest.mark.dist
-def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("extra", [[], ADAPTIVE], ids=["fixed", "adaptive"])
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tiny_model_dir, extra):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    launch("tests/scripts/train_faults.py", [*ARGS, "max_steps=8", f"output_dir={full}"])
-    killed = launch("tests/scripts/train_faults.py", [*ARGS, "max_steps=8", "checkpoint.every_steps=3",
+    launch("tests/scripts/train_faults.py", [*ARGS, *extra, "max_steps=8", f"output_dir={full}"])
+    killed = launch("tests/scripts/train_faults.py", [*ARGS, *extra, "max_steps=8", "checkpoint.every_steps=3",
                                                       f"output_dir={cut}"],
                     env={"FAULT_RANK": "1", "FAULT_DIE_STEP": "5"}, check=False, timeout=300)
     assert killed.returncode != 0 and not (cut / "adapters").exists()
     assert [p.name for p in (cut / "checkpoints").iterdir()] == ["step_00000003"]
-    launch("tests/scripts/train_faults.py", [*ARGS, "max_steps=8", "checkpoint.every_steps=3", "resume=auto",
-                                             f"output_dir={cut}"])
+    launch("tests/scripts/train_faults.py", [*ARGS, *extra, "max_steps=8", "checkpoint.every_steps=3",
+                                             "resume=auto", f"output_dir={cut}"])
     a, b = _adapters(full), _adapters(cut)
     assert a.keys() == b.keys()
     for name in a:
@@ -49,6 +56,15 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tiny_model_dir):
     assert steps == list(range(1, 9))
     losses = [json.loads(line)["loss"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
     assert losses == [json.loads(line)["loss"] for line in (full / "metrics.jsonl").read_text().splitlines()]
+    # the same draws from the same target probabilities, bit for bit, and (DWA) the same loss weights
+    draws = [{k: v for k, v in json.loads(line).items() if k.startswith(("sampling_prob/", "micro_batches/",
+                                                                         "draws/", "loss_weight/"))}
+             for out in (full, cut) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert draws[:8] == draws[8:]
+    if extra:  # the controller did move the distribution, after the checkpoint too
+        probs = [sorted((k, v) for k, v in d.items() if k.startswith("sampling_prob/")) for d in draws[:8]]
+        # probs[i] drew step i + 1; the update after step 2 only records history (progress needs two points)
+        assert all(probs[i] != probs[i + 1] for i in (3, 5))
     assert [p.name for p in (cut / "checkpoints").iterdir()] == ["step_00000003", "step_00000006"]
 
 

@@ -65,6 +65,8 @@ def test_variant_medians_and_ratios_by_hand():
         {"variant": "hf", "step_time_s": 0.50, "tokens_per_s": 600.0, "tokens": 330, "steps": 3},
         {"variant": "ours-hard", "step_time_s": 0.34, "tokens_per_s": 900.0, "tokens": 300, "steps": 3},
         {"variant": "ours-soft", "step_time_s": 0.336, "tokens_per_s": 890.0, "tokens": 300, "steps": 3},
+        {"variant": "ours-adaptive", "step_time_s": 0.342, "tokens_per_s": 880.0, "tokens": 300, "steps": 3,
+         "controller_s": 3.42e-5},
     ]
     med = tp.variant_medians(results)
     assert med["ours-hard"]["launches"] == 2 and med["ours-soft"]["launches"] == 1
@@ -76,6 +78,8 @@ def test_variant_medians_and_ratios_by_hand():
     assert r["ours-hard/hf step_time"] == pytest.approx(0.32 / 0.45)
     assert r["ours-soft/ours-hard step_time"] == pytest.approx(0.336 / 0.32)  # 1.05
     assert r["pcgrad/sum K=4 step_time"] == 1.03
+    assert r["ours-adaptive/ours-soft step_time"] == pytest.approx(0.342 / 0.336)  # the controller's overhead
+    assert r["ours-adaptive controller/step_time"] == pytest.approx(1e-4)              # ... and its own share
 
 
 def test_parse_result_finds_the_line_among_launcher_noise():

@@ -51,13 +51,21 @@ def _load_dataset_rows(task: TaskConfig) -> tuple[list[dict], str]:
     suffix = path.suffix.lower()
     is_local = path.exists() or suffix in LOCAL_LOADERS or task.source.startswith((".", "/", "~"))
     if is_local:
+        if path.is_dir():
+            raise UserError(f"task {task.name!r}: source {task.source} is a directory; give a data file "
+                            f"({', '.join(LOCAL_LOADERS)}) inside it")
         if not path.is_file():
             raise UserError(f"task {task.name!r}: data file {task.source} does not exist")
         if suffix not in LOCAL_LOADERS:
             raise UserError(f"task {task.name!r}: {task.source}: unsupported file type {suffix!r}; "
                             f"use one of {', '.join(LOCAL_LOADERS)}")
         if suffix == ".jsonl":
-            _check_jsonl(path, task.name)  # datasets' own errors do not say which line is broken
+            # datasets' own errors do not say which line is broken, nor that there is none
+            if _check_jsonl(path, task.name) == 0:
+                raise UserError(f"task {task.name!r}: data file {task.source} has no examples "
+                                "(no JSON object on any line)")
+        elif path.stat().st_size == 0:
+            raise UserError(f"task {task.name!r}: data file {task.source} is empty: it has no examples")
         elif suffix == ".json":
             _check_json(path, task.name)
         try:
@@ -74,7 +82,9 @@ def _load_dataset_rows(task: TaskConfig) -> tuple[list[dict], str]:
     return ds.to_list(), f"hub dataset {task.source}"
 
 
-def _check_jsonl(path: Path, task: str) -> None:
+def _check_jsonl(path: Path, task: str) -> int:
+    """Every non-blank line is a JSON object; returns how many there are."""
+    count = 0
     with path.open(encoding="utf-8", errors="strict") as f:
         try:
             for lineno, line in enumerate(f, 1):
@@ -87,8 +97,10 @@ def _check_jsonl(path: Path, task: str) -> None:
                 if not isinstance(obj, dict):
                     raise UserError(f"task {task!r}: {path}:{lineno}: each line must be a JSON object, "
                                     f"got {type(obj).__name__}")
+                count += 1
         except UnicodeDecodeError as e:
             raise UserError(f"task {task!r}: {path}: not UTF-8 text ({e})") from None
+    return count
 
 
 def _check_json(path: Path, task: str) -> None:
