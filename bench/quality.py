@@ -80,9 +80,10 @@ def train(out: Path, overrides: list[str], nprocs: int, timeout: float) -> float
     return seconds
 
 
-def final_exact_match(out: Path) -> dict[str, float]:
+def final_scores(out: Path) -> dict[str, float]:
+    """Each task's held-out score at the end of a run, in the task's metric (exact match on the built-ins)."""
     final = json.loads((out / "train_summary.json").read_text())["final"]
-    prefix = "eval/exact_match/"
+    prefix = "eval/score/"
     return {k[len(prefix):]: v for k, v in final.items() if k.startswith(prefix)}
 
 
@@ -96,7 +97,7 @@ def merge_soft(soft_run: Path, out: Path) -> tuple[dict[str, float], str, float]
         (out / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
     report = json.loads(report_path.read_text())
     best = report["best"]["method"]
-    em = {t: r["exact_match"] for t, r in report["merged"][best].items()}
+    em = {t: r["score"] for t, r in report["merged"][best].items()}
     return em, best, float((out / "wall_s.txt").read_text())
 
 
@@ -200,7 +201,7 @@ def run_suite(out_root: Path, variants: list[str], seeds: list[int], extra: list
                 em, walls[seed] = {}, 0.0
                 for run in single_runs(out_root, cfg, seed, not_tasks, nprocs, timeout, table_only):
                     walls[seed] += float((run / "wall_s.txt").read_text())
-                    em.update(final_exact_match(run))
+                    em.update(final_scores(run))
             elif variant == "soft-merged":
                 soft = out_root / "soft" / f"seed{seed}"
                 _train_or_read(soft, [f"seed={seed}", *extra, *VARIANTS["soft"]], nprocs, timeout, table_only)
@@ -212,7 +213,7 @@ def run_suite(out_root: Path, variants: list[str], seeds: list[int], extra: list
                     refs = single_runs(out_root, cfg, seed, not_tasks, nprocs, timeout, table_only)
                     overrides.append(f"sampling.reference=[{', '.join(str(r.resolve()) for r in refs)}]")
                 walls[seed] = _train_or_read(run, overrides, nprocs, timeout, table_only)
-                em = final_exact_match(run)
+                em = final_scores(run)
                 tele.append(telemetry(run))
             per_seed[seed] = em
             print(f"{variant} seed {seed}: " + ", ".join(f"{t} {100 * em[t]:.0f}%" for t in tasks) +

@@ -89,6 +89,20 @@ class TaskConfig:
     """Use at most this many examples (None: all). For builtin generators: how many to generate."""
     eval_size: int = 100
     """Examples held out for evaluation (taken before training examples, deterministic by seed)."""
+    metric: str = "exact_match"
+    """How a held-out example is scored (mtl_scale/metrics.py): exact_match (the whole greedy answer) |
+    extract (answer_pattern pulls the answer out of generation and reference; numbers compared as numbers) |
+    contains (the reference appears in the generation) | choice (the option in ``choices`` with the highest
+    log-likelihood, no generation) | rouge_l (ROUGE-L F1, needs rouge-score) | a dotted path to a function
+    (prediction, reference) -> float, e.g. mypkg.metrics.f1."""
+    answer_pattern: str | None = None
+    """metric=extract: a regex whose group 1 is the answer; default GSM8K's final answer, ``####\\s*(-?[0-9.,]+)``."""
+    choices: list[str] = field(default_factory=list)
+    """metric=choice: the options (e.g. the class labels); each held-out reference should be one of them."""
+    max_new_tokens: int | None = None
+    """Generated tokens per held-out example for this task (None: eval.max_new_tokens)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: generation ends at the first one, which is not part of the scored answer."""
 
 
 @dataclass
@@ -422,6 +436,7 @@ def validate(cfg: RunConfig, where: str = "<config>") -> None:
         _positive(where, f"{key}.eval_size", t.eval_size, zero_ok=True)
         if t.num_examples is not None:
             _positive(where, f"{key}.num_examples", t.num_examples)
+        _check_metric(t, key, where)
     if cfg.sampling.strategy == "manual":
         _check_weights(where, "sampling.weights", cfg.sampling.weights, names)
     if cfg.loss.task_weighting == "manual":
@@ -447,6 +462,26 @@ def _check_adaptive(cfg: RunConfig, where: str) -> None:
     if s.reference and not (s.strategy == "adaptive" and a.rule == "gap"):
         raise ConfigError(f"{where}: sampling.reference is read only by sampling.strategy=adaptive with "
                           f"sampling.adaptive.rule=gap (here strategy={s.strategy}, rule={a.rule}); remove it")
+
+
+def _check_metric(t: TaskConfig, key: str, where: str) -> None:
+    from mtl_scale.metrics import resolve
+
+    try:
+        resolve(t.metric, t.answer_pattern, t.name)
+    except UserError as e:
+        raise ConfigError(f"{where}: {key}.metric: {e}") from None
+    if t.metric == "choice" and len(t.choices) < 2:
+        raise ConfigError(f"{where}: {key}.choices: metric=choice (task {t.name!r}) needs at least two options, "
+                          f"got {t.choices}")
+    if t.choices and t.metric != "choice":
+        raise ConfigError(f"{where}: {key}.choices is read only by metric=choice (task {t.name!r} has "
+                          f"metric={t.metric}); remove it")
+    if t.answer_pattern is not None and t.metric != "extract":
+        raise ConfigError(f"{where}: {key}.answer_pattern is read only by metric=extract (task {t.name!r} has "
+                          f"metric={t.metric}); remove it")
+    if t.max_new_tokens is not None:
+        _positive(where, f"{key}.max_new_tokens", t.max_new_tokens)
 
 
 def _check_weights(where: str, key: str, weights: dict[str, float], names: set[str]) -> None:

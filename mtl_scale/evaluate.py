@@ -1,4 +1,5 @@
-"""Held-out evaluation: per-task loss and greedy-generation exact match, for the base model and
+"""Held-out evaluation: per-task loss and the task's metric (mtl_scale/metrics.py: exact match, an
+extracted final answer, ROUGE-L, the likeliest option...) on greedy generations, for the base model and
 for trained adapters loaded from disk with stock PEFT (so it also proves the saved adapters work).
 
 One process, plain transformers + PEFT (no DeepSpeed); on a CUDA box the base is spread over the
@@ -15,15 +16,18 @@ import json
 import logging
 import math
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from mtl_scale import adapters as adapters_mod
-from mtl_scale.config import RunConfig
-from mtl_scale.data.formatting import IGNORE, Encoded, collate, token_loss_sum
+from mtl_scale.config import RunConfig, TaskConfig
+from mtl_scale.data.formatting import IGNORE, Encoded, collate, drop_overlap, encode_options
 from mtl_scale.data.prepare import data_summary, prepare_tasks
 from mtl_scale.errors import UserError
+from mtl_scale.metrics import exact_match as exact_match_score, resolve, truncate_at_stop
 from mtl_scale.model import DTYPES, resolve_device_map, resolve_model_path, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -117,52 +121,59 @@ def head_calls(data: Encoded, batch_size: int, chunk_tokens: int) -> list[int]:
 
 
 @torch.no_grad()
-def loss_sums(model, data: Encoded, pad_id: int, batch_size: int, device=None, chunk_tokens: int = 0,
-              min_head_calls: list[int] | None = None) -> tuple[float, int]:
-    """Summed completion-token NLL over the examples, and the token count.
+def example_loss_sums(model, data: Encoded, pad_id: int, batch_size: int, device=None, chunk_tokens: int = 0,
+                      min_head_calls: list[int] | None = None) -> tuple[list[float], list[int]]:
+    """Per example: summed completion-token NLL and the token count.
 
     ``chunk_tokens`` > 0: hidden states once per batch, then head + fp32 cross-entropy over at most
     that many completion positions at a time (see :func:`chunked_head`; 0: full logits).
     ``min_head_calls``: per batch, call the head at least this often (with empty chunks if need be):
     under ZeRO-3 each call all-gathers the head's weight, so every rank must make as many calls.
     """
-    total, count = 0.0, 0
+    sums: list[float] = []
+    counts: list[int] = []
     device = device or next(model.parameters()).device
     split = chunked_head(model)[0] if chunk_tokens > 0 else None
     for b, i in enumerate(range(0, len(data), batch_size)):
         batch = collate(list(zip(data.input_ids[i:i + batch_size], data.labels[i:i + batch_size])), pad_id)
         input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        if split is None:
-            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-            s, n = token_loss_sum(logits, batch["labels"].to(logits.device))
-            total, count = total + float(s), count + int(n)
-            continue
-        hidden = split.hidden(input_ids, mask)  # (B, T, H)
-        labels = batch["labels"][:, 1:].to(hidden.device)  # position t predicts token t + 1
+        labels = batch["labels"][:, 1:]  # position t predicts token t + 1
         keep = labels != IGNORE
-        hidden, labels = hidden[:, :-1][keep], labels[keep]  # (N, H), (N,): completion positions only
-        calls = max(math.ceil(len(labels) / chunk_tokens), min_head_calls[b] if min_head_calls else 0)
-        for c in range(calls):
-            part = slice(c * chunk_tokens, (c + 1) * chunk_tokens)
-            logits = split.logits(hidden[part])  # (<= chunk_tokens, V) fp32
-            total += float(torch.nn.functional.cross_entropy(logits, labels[part].to(logits.device),
-                                                             reduction="sum"))
-        count += len(labels)
-    return total, count
+        rows = torch.arange(len(labels))[:, None].expand_as(labels)[keep]  # (N,): the example of each position
+        per = torch.zeros(len(labels), dtype=torch.float64)
+        if split is None:
+            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.float()[keep.to(logits.device)],
+                                                    labels[keep].to(logits.device), reduction="none")
+            per.index_add_(0, rows, nll.double().cpu())
+        else:
+            hidden = split.hidden(input_ids, mask)[:, :-1][keep.to(input_ids.device)]  # (N, H): completion positions
+            targets = labels[keep]
+            calls = max(math.ceil(len(targets) / chunk_tokens), min_head_calls[b] if min_head_calls else 0)
+            for c in range(calls):
+                part = slice(c * chunk_tokens, (c + 1) * chunk_tokens)
+                logits = split.logits(hidden[part])  # (<= chunk_tokens, V) fp32
+                nll = torch.nn.functional.cross_entropy(logits, targets[part].to(logits.device), reduction="none")
+                per.index_add_(0, rows[part], nll.double().cpu())
+        sums += per.tolist()
+        counts += keep.sum(1).tolist()
+    return sums, counts
 
 
-def task_loss(model, data: Encoded, pad_id: int, batch_size: int, chunk_tokens: int = 0) -> float:
-    """Mean completion-token NLL over the examples (token-weighted)."""
-    total, count = loss_sums(model, data, pad_id, batch_size, chunk_tokens=chunk_tokens)
-    return total / max(count, 1)
+def loss_sums(model, data: Encoded, pad_id: int, batch_size: int, device=None, chunk_tokens: int = 0,
+              min_head_calls: list[int] | None = None) -> tuple[float, int]:
+    """Summed completion-token NLL over the examples, and the token count (see :func:`example_loss_sums`)."""
+    sums, counts = example_loss_sums(model, data, pad_id, batch_size, device, chunk_tokens, min_head_calls)
+    return sum(sums), sum(counts)
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, data: Encoded, batch_size: int, max_new_tokens: int, device=None,
-                synced_gpus: bool = False) -> tuple[float, list[str]]:
-    """Fraction of examples whose greedy continuation of the prompt equals the reference
-    (both stripped of surrounding whitespace), and the generated texts.
+def generate(model, tokenizer, data: Encoded, batch_size: int, max_new_tokens: int, stop: list[str] = (),
+             stop_at_reference: bool = False, device=None, synced_gpus: bool = False) -> list[str]:
+    """Greedy continuations of the examples' prompts (batched, left-padded, with the KV cache), decoded
+    without special tokens and cut at the first stop string.
 
+    ``stop_at_reference``: generate at most the reference's length + 2 tokens (enough for exact match).
     ``synced_gpus``: under ZeRO-3 every rank must keep running forward passes until all are done.
     """
     device = device or next(model.parameters()).device
@@ -170,7 +181,6 @@ def exact_match(model, tokenizer, data: Encoded, batch_size: int, max_new_tokens
     pad = tokenizer.pad_token_id
     for i in range(0, len(data), batch_size):
         prompts = [ids[:p] for ids, p in zip(data.input_ids[i:i + batch_size], data.prompt_lens[i:i + batch_size])]
-        refs = data.references[i:i + batch_size]
         width = max(len(p) for p in prompts)
         # Left padding: every prompt ends at the same position, where generation starts.
         input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -178,11 +188,26 @@ def exact_match(model, tokenizer, data: Encoded, batch_size: int, max_new_tokens
         for j, p in enumerate(prompts):
             input_ids[j, width - len(p):] = torch.tensor(p)
             mask[j, width - len(p):] = 1
-        ref_len = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
+        limit = max_new_tokens
+        if stop_at_reference:
+            refs = data.references[i:i + batch_size]
+            limit = min(limit, max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs) + 2)
+        extra = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
         gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=min(max_new_tokens, ref_len + 2), pad_token_id=pad,
-                             eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus)
-        outputs += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+                             max_new_tokens=limit, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                             synced_gpus=synced_gpus, **extra)
+        overlaps = data.overlaps[i:i + batch_size] or [""] * len(prompts)
+        outputs += [truncate_at_stop(drop_overlap(o, overlap), list(stop)) for o, overlap in
+                    zip(tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True), overlaps)]
+    return outputs
+
+
+def exact_match(model, tokenizer, data: Encoded, batch_size: int, max_new_tokens: int, device=None,
+                synced_gpus: bool = False) -> tuple[float, list[str]]:
+    """Fraction of examples whose greedy continuation of the prompt equals the reference (both stripped of
+    surrounding whitespace), and the generated texts."""
+    outputs = generate(model, tokenizer, data, batch_size, max_new_tokens, stop_at_reference=True, device=device,
+                       synced_gpus=synced_gpus)
     return count_hits(outputs, data.references) / max(len(outputs), 1), outputs
 
 
@@ -191,10 +216,65 @@ def count_hits(outputs: list[str], references: list[str]) -> int:
     return sum(o.strip() == r.strip() for o, r in zip(outputs, references))
 
 
+def choose(model, tokenizer, data: Encoded, task: TaskConfig, batch_size: int, device=None, chunk_tokens: int = 0,
+           sync: Callable[[list[int]], list[int]] | None = None) -> list[str]:
+    """metric=choice: per example, the option of ``task.choices`` with the highest log-likelihood after its
+    prompt (summed over the option's tokens, lm-evaluation-harness's ``acc``). ``sync``: makes the per-batch
+    output-head call counts equal on every rank (ZeRO-3, see :func:`head_calls`)."""
+    nll = []
+    for option in task.choices:
+        options = encode_options(data.prompt_texts, option, task.format, tokenizer)
+        calls = head_calls(options, batch_size, chunk_tokens) if chunk_tokens > 0 else None
+        if calls is not None and sync is not None:
+            calls = sync(calls)
+        nll.append(example_loss_sums(model, options, tokenizer.pad_token_id, batch_size, device, chunk_tokens,
+                                     calls)[0])
+    return [task.choices[min(range(len(task.choices)), key=lambda k: nll[k][i])] for i in range(len(data))]
+
+
+@dataclass
+class TaskScores:
+    """One task's held-out evaluation: loss sums, and per example the prediction, score and exact match."""
+    loss_total: float
+    tokens: int
+    predictions: list[str]
+    scores: list[float]
+    exact: list[float]
+
+
+def score_task(model, tokenizer, data: Encoded, task: TaskConfig, eval_cfg, device=None, world: int = 1) -> TaskScores:
+    """Held-out loss, predictions (generations, or the chosen option) and the task's metric on ``data``.
+    ``world`` > 1: a collective on every rank of a ZeRO-3 model, each holding a shard padded to the same
+    length (the same number of batches and head calls everywhere; generation with ``synced_gpus``)."""
+    metric = resolve(task.metric, task.answer_pattern, task.name)
+    chunk = eval_cfg.loss_chunk_tokens
+    sync = (lambda calls: _max_over_ranks(calls, device)) if world > 1 else None
+    calls = head_calls(data, eval_cfg.batch_size, chunk) if chunk > 0 else None
+    if calls is not None and sync is not None:
+        calls = sync(calls)
+    total, count = loss_sums(model, data, tokenizer.pad_token_id, eval_cfg.batch_size, device, chunk, calls)
+    if metric.generates:
+        predictions = generate(model, tokenizer, data, eval_cfg.batch_size, task.max_new_tokens or
+                               eval_cfg.max_new_tokens, task.stop, metric.stops_at_reference, device,
+                               synced_gpus=world > 1)
+    else:
+        predictions = choose(model, tokenizer, data, task, eval_cfg.batch_size, device, chunk, sync)
+    return TaskScores(total, count, predictions, [float(metric.score(p, r)) for p, r in zip(predictions, data.references)],
+                      [exact_match_score(p, r) for p, r in zip(predictions, data.references)])
+
+
+def _max_over_ranks(values: list[int], device) -> list[int]:
+    """Element-wise maximum over all ranks: one small all-reduce."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [int(c) for c in t.tolist()]
+
+
 @torch.no_grad()
 def evaluate_during_training(model, tokenizer, tasks, eval_cfg, activate, rank: int, world: int) -> dict[str, float]:
-    """Held-out loss and exact match per task on the partitioned model, each rank evaluating its own
-    shard of the first ``eval.max_examples`` held-out examples; sums are all-reduced.
+    """Held-out loss, the task's metric (``eval/score``) and exact match per task on the partitioned model,
+    each rank evaluating its own shard of the first ``eval.max_examples`` held-out examples; sums are
+    all-reduced.
 
     Collective: every rank runs the same number of batches (shards are padded with a repeated
     example that is not counted) and ``generate`` runs with ``synced_gpus``.
@@ -217,28 +297,24 @@ def evaluate_during_training(model, tokenizer, tasks, eval_cfg, activate, rank: 
         idx += [0] * (per_rank - real)  # padding: same batch count on every rank
         shard = replace(data, input_ids=[data.input_ids[i] for i in idx],
                         labels=[data.labels[i] if j < real else [-100] * len(data.labels[i]) for j, i in enumerate(idx)],
-                        prompt_lens=[data.prompt_lens[i] for i in idx], references=[data.references[i] for i in idx])
-        chunk = eval_cfg.loss_chunk_tokens
-        calls = head_calls(shard, eval_cfg.batch_size, chunk) if chunk > 0 else None
-        if calls and world > 1:  # the most any rank needs, per batch: one small all-reduce per task
-            t = torch.tensor(calls, dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            calls = [int(c) for c in t.tolist()]
-        total, count = loss_sums(model, shard, tokenizer.pad_token_id, eval_cfg.batch_size, device, chunk, calls)
-        _, outputs = exact_match(model, tokenizer, shard, eval_cfg.batch_size, eval_cfg.max_new_tokens, device,
-                                 synced_gpus=world > 1)
-        hits = count_hits(outputs[:real], shard.references[:real])
-        vec = torch.tensor([total, float(count), float(hits), float(real)], dtype=torch.float64, device=device)
+                        prompt_lens=[data.prompt_lens[i] for i in idx], references=[data.references[i] for i in idx],
+                        prompt_texts=[data.prompt_texts[i] for i in idx] if data.prompt_texts else [],
+                        overlaps=[data.overlaps[i] for i in idx] if data.overlaps else [])
+        r = score_task(model, tokenizer, shard, task.config, eval_cfg, device, world)
+        vec = torch.tensor([r.loss_total, float(r.tokens), sum(r.scores[:real]), sum(r.exact[:real]), float(real)],
+                           dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(vec)
-        total, count, hits, real = vec.tolist()
+        total, count, score, hits, real = vec.tolist()
         out[f"eval/loss/{name}"] = total / max(count, 1)
+        out[f"eval/score/{name}"] = score / max(real, 1)
         out[f"eval/exact_match/{name}"] = hits / max(real, 1)
     model.train(was_training)
     return out
 
 
 def evaluate_model(model, tokenizer, tasks, eval_cfg, only: list[str] | None = None) -> dict[str, dict]:
+    """Per task: held-out loss, its metric's mean ``score`` (and which ``metric``), exact match, ``n``."""
     model.eval()
     out = {}
     for name, task in tasks.items():
@@ -247,10 +323,9 @@ def evaluate_model(model, tokenizer, tasks, eval_cfg, only: list[str] | None = N
         data = task.held_out
         if len(data) == 0:
             continue
-        em, _ = exact_match(model, tokenizer, data, eval_cfg.batch_size, eval_cfg.max_new_tokens)
-        out[name] = {"loss": task_loss(model, data, tokenizer.pad_token_id, eval_cfg.batch_size,
-                                       eval_cfg.loss_chunk_tokens),
-                     "exact_match": em, "n": len(data)}
+        r = score_task(model, tokenizer, data, task.config, eval_cfg)
+        out[name] = {"loss": r.loss_total / max(r.tokens, 1), "metric": task.config.metric,
+                     "score": sum(r.scores) / len(data), "exact_match": sum(r.exact) / len(data), "n": len(data)}
     return out
 
 
@@ -295,17 +370,17 @@ def evaluate_run(cfg: RunConfig, adapters_dir: str | None = None, include_base: 
 
 
 def results_table(results: dict) -> str:
-    """Markdown table: one row per task, base vs its adapter."""
-    lines = ["| task | adapter | base loss | adapter loss | base exact match | adapter exact match |",
-             "|---|---|---:|---:|---:|---:|"]
+    """Markdown table: one row per task, base vs its adapter, in the task's metric."""
+    lines = ["| task | adapter | metric | base loss | adapter loss | base score | adapter score |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for task in results["tasks"]:
         base = results["base"].get(task, {})
         for name, per_task in results["adapters"].items():
             if task not in per_task:
                 continue
             a = per_task[task]
-            lines.append(f"| {task} | {name} | {_fmt(base.get('loss'))} | {_fmt(a['loss'])} | "
-                         f"{_pct(base.get('exact_match'))} | {_pct(a['exact_match'])} |")
+            lines.append(f"| {task} | {name} | {a['metric']} | {_fmt(base.get('loss'))} | {_fmt(a['loss'])} | "
+                         f"{_pct(base.get('score'))} | {_pct(a['score'])} |")
     return "\n".join(lines)
 
 

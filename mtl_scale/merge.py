@@ -138,8 +138,8 @@ def save_merged_model(model, adapter: str, out: Path, base_path: str, max_shard_
 
 
 def retention(merged: dict, own: dict) -> float | None:
-    """Merged exact match over the task's own adapter's exact match (None when the latter is 0)."""
-    return merged["exact_match"] / own["exact_match"] if own["exact_match"] > 0 else None
+    """Merged score over the task's own adapter's score, in the task's metric (None when the latter is 0)."""
+    return merged["score"] / own["score"] if own["score"] > 0 else None
 
 
 def merge_run(run_dir: str | Path, methods: list[str], weights: list[float] | None = None, density: float = 0.5,
@@ -267,17 +267,17 @@ def _mean(values: list[float]) -> float:
 
 def retention_table(report: dict) -> str:
     methods = list(report["merged"])
-    head = "| task | base EM | own adapter EM | " + " | ".join(f"{m} EM (retention)" for m in methods) + " |"
-    lines = [head, "|---|---:|---:|" + "---:|" * len(methods)]
+    head = "| task | metric | base | own adapter | " + " | ".join(f"{m} (retention)" for m in methods) + " |"
+    lines = [head, "|---|---|---:|---:|" + "---:|" * len(methods)]
     for t in report["tasks"]:
         if t not in report["own"] or not all(t in report["merged"][m] for m in methods):
             continue
         cells = []
         for m in methods:
             r = report["retention"][m].get(t)
-            cells.append(f"{100 * report['merged'][m][t]['exact_match']:.1f}% ({'-' if r is None else f'{r:.2f}'})")
-        lines.append(f"| {t} | {100 * report['base'][t]['exact_match']:.1f}% | "
-                     f"{100 * report['own'][t]['exact_match']:.1f}% | " + " | ".join(cells) + " |")
+            cells.append(f"{100 * report['merged'][m][t]['score']:.1f}% ({'-' if r is None else f'{r:.2f}'})")
+        lines.append(f"| {t} | {report['own'][t]['metric']} | {100 * report['base'][t]['score']:.1f}% | "
+                     f"{100 * report['own'][t]['score']:.1f}% | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 
     python -m mtl_scale.report runs/demo      # (re)build the report of a finished run
 
-Plots: per-task train loss (smoothed) with held-out eval loss; held-out exact match over steps; the
+Plots: per-task train loss (smoothed) with held-out eval loss; each task's held-out metric over steps; the
 realised sampling mix over time against the target probabilities; with adaptive sampling, the target
 probabilities' trajectories beside the held-out loss, and a line naming the task the controller favoured
 and when. Table: final per-task metrics.
@@ -32,6 +32,16 @@ def _tasks(records: list[dict]) -> list[str]:
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
     return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _metrics(out: Path, tasks: list[str]) -> dict[str, str]:
+    """Each task's metric name, from the run's config.yaml (exact_match for a run written before metrics)."""
+    import yaml
+
+    path = out / "config.yaml"
+    cfg = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    named = {t.get("name"): t.get("metric", "exact_match") for t in (cfg or {}).get("tasks", [])}
+    return {t: named.get(t, "exact_match") for t in tasks}
 
 
 def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
@@ -69,16 +79,18 @@ def write_report(output_dir: str | Path) -> Path:
     fig.savefig(plots / "loss.png", dpi=110)
     plt.close(fig)
 
+    metric = _metrics(out, tasks)
     fig, ax = plt.subplots(figsize=(8, 4))
     for t in tasks:
-        steps, vals = _series(records, f"eval/exact_match/{t}")
+        steps, vals = _series(records, f"eval/score/{t}")
         if steps:
-            ax.plot(steps, [100 * v for v in vals], "o-", color=colors[t], label=t)
-    ax.set(xlabel="optimizer step", ylabel="exact match (%)", title="Held-out exact match", ylim=(-2, 102))
+            ax.plot(steps, [100 * v for v in vals], "o-", color=colors[t], label=f"{t} ({metric[t]})")
+    ax.set(xlabel="optimizer step", ylabel="score (%)", title="Held-out score, in each task's metric",
+           ylim=(-2, 102))
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(plots / "exact_match.png", dpi=110)
+    fig.savefig(plots / "score.png", dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -105,18 +117,19 @@ def write_report(output_dir: str | Path) -> Path:
     last = records[-1] if records else {}
     lines = ["# Run report", "", f"Run directory: `{out}` — {last.get('step', 0)} optimizer steps.", "",
              "## Final per-task metrics", "",
-             "| task | target p | realised share | samples seen | train loss (last 10 steps) | eval loss | eval exact match |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| task | target p | realised share | samples seen | train loss (last 10 steps) | eval loss | metric | "
+             "eval score |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
     for t in tasks:
         recent = [r[f"loss/{t}"] for r in records[-10:] if isinstance(r.get(f"loss/{t}"), (int, float))]
         train = f"{sum(recent) / len(recent):.3f}" if recent else "-"
         ev_steps, ev_loss = _series(records, f"eval/loss/{t}")
-        _, ev_em = _series(records, f"eval/exact_match/{t}")
+        _, ev_score = _series(records, f"eval/score/{t}")
         lines.append(f"| {t} | {last.get(f'sampling_prob/{t}', 0):.3f} | {last.get(f'mix/{t}', 0):.3f} | "
                      f"{int(last.get(f'samples/{t}', 0))} | {train} | {f'{ev_loss[-1]:.3f}' if ev_loss else '-'} | "
-                     f"{f'{100 * ev_em[-1]:.1f}%' if ev_em else '-'} |")
+                     f"{metric[t]} | {f'{100 * ev_score[-1]:.1f}%' if ev_score else '-'} |")
     lines += ["", "## Loss", "", "![per-task loss](plots/loss.png)", "",
-              "## Held-out exact match", "", "![exact match](plots/exact_match.png)", "",
+              "## Held-out score", "", "![held-out score](plots/score.png)", "",
               "## Sampling mix", "", "![sampling mix](plots/sampling_mix.png)", "", *balancing_section,
               *cosine_section]
     path = out / "report.md"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from chat_templates import STYLES, chat_tokenizer, conversation
-from mtl_scale.config import EvalConfig
+from mtl_scale.config import EvalConfig, TaskConfig
 from mtl_scale.data.formatting import encode
 from mtl_scale.evaluate import (chunked_head, evaluate_during_training, exact_match, head_calls, loss_sums,
                                  results_table)
@@ -42,11 +42,12 @@ def test_exact_match_compares_stripped_greedy_continuations(tiny_tokenizer):
 
 
 def test_results_table():
-    results = {"tasks": ["a", "b"], "base": {"a": {"loss": 2.0, "exact_match": 0.0}, "b": {"loss": 3.0, "exact_match": 0.1}},
-               "adapters": {"a": {"a": {"loss": 0.5, "exact_match": 0.9}}, "b": {"b": {"loss": 1.0, "exact_match": 0.25}}}}
+    results = {"tasks": ["a", "b"], "base": {"a": {"loss": 2.0, "score": 0.0}, "b": {"loss": 3.0, "score": 0.1}},
+               "adapters": {"a": {"a": {"loss": 0.5, "score": 0.9, "metric": "exact_match"}},
+                            "b": {"b": {"loss": 1.0, "score": 0.25, "metric": "extract"}}}}
     table = results_table(results)
-    assert "| a | a | 2.000 | 0.500 | 0.0% | 90.0% |" in table
-    assert "| b | b | 3.000 | 1.000 | 10.0% | 25.0% |" in table
+    assert "| a | a | exact_match | 2.000 | 0.500 | 0.0% | 90.0% |" in table
+    assert "| b | b | extract | 3.000 | 1.000 | 10.0% | 25.0% |" in table
 
 
 class OracleModel(torch.nn.Module):
@@ -80,10 +81,10 @@ def test_chat_oracle_generations_score_full_exact_match(tiny_model_dir, style):
     model = OracleModel(data, len(tok))
     em, outputs = exact_match(model, tok, data, batch_size=2, max_new_tokens=32)
     assert [o.strip() for o in outputs] == ["Paris", "four", "blue"] and em == 1.0
-    task = SimpleNamespace(held_out=data)
+    task = SimpleNamespace(held_out=data, config=TaskConfig(name="chat", format="chat"))
     metrics = evaluate_during_training(model, tok, {"chat": task}, EvalConfig(batch_size=2, max_new_tokens=32),
                                        activate=lambda name: None, rank=0, world=1)
-    assert metrics["eval/exact_match/chat"] == 1.0
+    assert metrics["eval/exact_match/chat"] == 1.0 and metrics["eval/score/chat"] == 1.0
 def _ragged_rows(n=11):
     """Prompts and completions of different lengths: batches are padded unevenly."""
     return [{"prompt": f"repeat [{'abcdefghij'[:1 + i % 7]}] ->", "completion": " " + "xyz" * (1 + i)}

@@ -75,7 +75,7 @@ def test_a_tiny_suite_reports_what_its_runs_measured(tmp_path, tiny_model_dir):
     for task in ("copy", "reverse"):  # the single-task row is made of each task's own run
         summary = json.loads((tmp_path / f"single-{task}" / "seed0" / "train_summary.json").read_text())
         assert summary["adapters"] == ["shared"] and summary["data"].keys() == {task}
-        assert results["variants"]["single"]["exact_match"]["0"][task] == summary["final"][f"eval/exact_match/{task}"]
+        assert results["variants"]["single"]["exact_match"]["0"][task] == summary["final"][f"eval/score/{task}"]
     soft = json.loads((tmp_path / "soft" / "seed0" / "train_summary.json").read_text())
     assert soft["adapters"] == ["copy", "reverse"]
     report = json.loads((tmp_path / "soft-merged" / "seed0" / "merge_report.json").read_text())

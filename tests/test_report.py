@@ -14,15 +14,17 @@ def test_report_from_metrics(tmp_path):
         if step % 2 == 0:
             r["loss/add"] = 2.0 if step != 20 else "nan"  # a skipped step: non-finite, written as a string
         if step % 10 == 0:
-            r.update({"eval/loss/copy": 0.5, "eval/exact_match/copy": step / 20, "eval/loss/add": 1.5,
-                      "eval/exact_match/add": 0.25})
+            r.update({"eval/loss/copy": 0.5, "eval/score/copy": step / 20, "eval/loss/add": 1.5,
+                      "eval/score/add": 0.25})
         recs.append(r)
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    # each task's metric comes from the run's config
+    (tmp_path / "config.yaml").write_text("tasks:\n  - {name: copy, metric: exact_match}\n  - {name: add, metric: extract}\n")
     report = write_report(tmp_path).read_text()
-    assert "| copy | 0.700 | 0.700 | 280 | 0.201 | 0.500 | 100.0% |" in report  # mean of 3/11..3/20
-    assert "| add | 0.300 | 0.300 | 120 | 2.000 | 1.500 | 25.0% |" in report
+    assert "| copy | 0.700 | 0.700 | 280 | 0.201 | 0.500 | exact_match | 100.0% |" in report  # mean of 3/11..3/20
+    assert "| add | 0.300 | 0.300 | 120 | 2.000 | 1.500 | extract | 25.0% |" in report
     assert report.index("| copy |") < report.index("| add |")  # config order
-    for png in ("loss", "exact_match", "sampling_mix"):
+    for png in ("loss", "score", "sampling_mix"):
         assert f"plots/{png}.png" in report
         img = mpimg.imread(tmp_path / "plots" / f"{png}.png")
         assert img.shape[0] > 200 and img.shape[1] > 400

@@ -1,8 +1,12 @@
 """Formats -> (prompt text, completion text) -> token ids with completion-only labels.
 
 Loss is taken on completion tokens only: prompt positions get label -100. The sequence is
-``[bos] prompt completion eos``; prompt and completion are tokenised separately so the boundary
-between them is exact (no token straddles it).
+``[bos] prompt completion eos``. Prompt and completion are tokenised together, as one text, and split
+where the first token reaching past the prompt's last character starts (by the fast tokenizer's
+character offsets, as TRL does): tokenising them apart would give a byte-level BPE (Llama-3, Qwen) a
+lone trailing-space token the model rarely saw, and SentencePiece a "▁" before the completion that the
+joined text does not have. A token straddling the boundary belongs to the completion; generation at
+evaluation starts from the same boundary.
 
 The exact-match reference of an example is its completion as a generation of it would read: the
 completion's tokens up to the first eos (where greedy generation stops), decoded without special
@@ -68,6 +72,11 @@ class Encoded:
     dropped: int = 0
     references: list[str] = field(default_factory=list)
     """The completions as exact match compares them (see the module docstring)."""
+    prompt_texts: list[str] = field(default_factory=list)
+    """The rendered prompts (metric=choice scores each option after them)."""
+    overlaps: list[str] = field(default_factory=list)
+    """The prompt's last characters that a token straddling the boundary carries into the completion (usually
+    ""): dropped from the start of the reference and of generations, so both read as the completion."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -81,15 +90,14 @@ def encode(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, truncation: 
         return Encoded([], [], [])
     pairs = [render(r, fmt, tokenizer) for r in rows]
     eos = tokenizer.eos_token_id
-    # verbose=False: lengths are policed below, not by the tokenizer's model_max_length warning
-    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False, verbose=False)["input_ids"]
-    completions = tokenizer([c for _, c in pairs], add_special_tokens=False, verbose=False)["input_ids"]
+    prompts, completions, overlaps = tokenize_pairs(pairs, tokenizer)
     prompts = [_with_bos(p, fmt, tokenizer) for p in prompts]
     if eos is not None:
         completions = [c if c and c[-1] == eos else c + [eos] for c in completions]
     references = tokenizer.batch_decode([_until_eos(c, eos) for c in completions], skip_special_tokens=True)
+    references = [drop_overlap(r, o) for r, o in zip(references, overlaps)]
     out = Encoded([], [], [])
-    for p, c, ref in zip(prompts, completions, references):
+    for (p, c, ref, overlap), (prompt_text, _) in zip(zip(prompts, completions, references, overlaps), pairs):
         if len(p) + len(c) > max_seq_len:
             if truncation == "drop" or len(p) >= max_seq_len:
                 out.dropped += 1
@@ -100,7 +108,46 @@ def encode(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, truncation: 
         out.labels.append([IGNORE] * len(p) + c)
         out.prompt_lens.append(len(p))
         out.references.append(ref)
+        out.prompt_texts.append(prompt_text)
+        out.overlaps.append(overlap)
     return out
+
+
+def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer) -> tuple[list[list[int]], list[list[int]], list[str]]:
+    """Token ids of each (prompt, completion) text pair, split at the boundary (module docstring): the
+    prompt is the tokens that end within the prompt's characters. Also the overlap: the prompt characters
+    in a token that straddles the boundary. A slow tokenizer has no offsets: there the two texts are
+    tokenised apart, as before."""
+    # verbose=False: lengths are policed by the caller, not by the tokenizer's model_max_length warning
+    if not getattr(tokenizer, "is_fast", False):
+        prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False, verbose=False)["input_ids"]
+        completions = tokenizer([c for _, c in pairs], add_special_tokens=False, verbose=False)["input_ids"]
+        return prompts, completions, [""] * len(pairs)
+    enc = tokenizer([p + c for p, c in pairs], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    prompts, completions, overlaps = [], [], []
+    for ids, offsets, (prompt, _) in zip(enc["input_ids"], enc["offset_mapping"], pairs):
+        cut = next((i for i, (_, end) in enumerate(offsets) if end > len(prompt)), len(ids))
+        prompts.append(ids[:cut])
+        completions.append(ids[cut:])
+        overlaps.append(prompt[offsets[cut][0]:] if cut < len(ids) and offsets[cut][0] < len(prompt) else "")
+    return prompts, completions, overlaps
+
+
+def drop_overlap(text: str, overlap: str) -> str:
+    """``text`` without the straddled prompt characters it starts with (whitespace-tolerant: decoders differ
+    on a leading space)."""
+    if overlap.strip() and text.lstrip().startswith(overlap.strip()):
+        return text.lstrip()[len(overlap.strip()):]
+    return text
+
+
+def encode_options(prompt_texts: list[str], option: str, fmt: str, tokenizer) -> Encoded:
+    """Each prompt followed by ``option`` as its completion (no eos: the option's own likelihood), for
+    metric=choice; nothing is truncated or dropped, so rows stay aligned with the prompts."""
+    prompts, options, _ = tokenize_pairs([(p, option) for p in prompt_texts], tokenizer)
+    prompts = [_with_bos(p, fmt, tokenizer) for p in prompts]
+    return Encoded([p + o for p, o in zip(prompts, options)], [[IGNORE] * len(p) + o for p, o in zip(prompts, options)],
+                   [len(p) for p in prompts], references=[option] * len(prompts), prompt_texts=list(prompt_texts))
 
 
 def _with_bos(prompt: list[int], fmt: str, tokenizer) -> list[int]:
