@@ -125,6 +125,7 @@ def test_metrics_and_tensorboard_written(trained):
         if has_eval:
             for t in ("copy", "reverse", "sort", "add"):
                 assert 0 < r[f"eval/loss/{t}"] < 20 and 0 <= r[f"eval/exact_match/{t}"] <= 1
+                assert r[f"eval/score/{t}"] == r[f"eval/exact_match/{t}"]  # the built-ins' metric is exact_match
 
 
 def test_surgery_telemetry(trained):
