@@ -167,9 +167,17 @@ def test_tiny_task_on_two_ranks_does_not_hang(tmp_path, tiny_model_dir):
     f.write_text("".join(json.dumps({"prompt": f"repeat [{w}] ->", "completion": f" {w}"}) + "\n"
                          for w in ("abc", "de", "fgh")))
     cfg = tmp_path / "run.yaml"
+    # metric=choice on 5 held-out examples (shards of 3 and 2) and stop strings: the sharded evaluation's
+    # collectives (head calls, synced generation) must match on both ranks
+    cls = tmp_path / "cls.jsonl"
+    cls.write_text("".join(json.dumps({"prompt": f"is [{w}] sorted? ->", "completion": " yes" if list(w) == sorted(w)
+                                       else " no"}) + "\n" for w in ("ab", "ba", "abc", "cba", "bd", "db", "ace", "eca")))
     cfg.write_text(f"tasks:\n  - {{name: tiny, source: '{f}', eval_size: 0}}\n"
-                   f"  - {{name: copy, source: 'builtin:copy', num_examples: 50, eval_size: 4}}\n"
-                   f"max_steps: 5\nmicro_batch_size: 4\nsampling: {{strategy: uniform, tasks_per_step: 3}}\noutput_dir: {tmp_path / 'out'}\n")
+                   f"  - {{name: copy, source: 'builtin:copy', num_examples: 50, eval_size: 4, metric: contains, "
+                   f"stop: [']']}}\n"
+                   f"  - {{name: cls, source: '{cls}', eval_size: 5, metric: choice, choices: [' yes', ' no']}}\n"
+                   f"max_steps: 5\nmicro_batch_size: 4\nsampling: {{strategy: uniform, tasks_per_step: 3}}\n"
+                   f"eval: {{loss_chunk_tokens: 2}}\noutput_dir: {tmp_path / 'out'}\n")
     # A fresh extensions dir, as on a new machine: CPU ranks must compile nothing (DeepSpeed's shared-memory op
     # took minutes on CI, and a launch killed mid-build left a lock that hung every later launch).
     res = launch("launch/train.py", ["--config", str(cfg)], timeout=240,
@@ -177,6 +185,8 @@ def test_tiny_task_on_two_ranks_does_not_hang(tmp_path, tiny_model_dir):
     assert "shm_comm" not in res.stdout and not (tmp_path / "torch_extensions").exists()
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 5 and lines[-1]["samples/tiny"] > 3  # the tiny task was drawn and cycled
+    assert lines[-1]["eval/score/cls"] in {k / 5 for k in range(6)}  # 5 examples scored, over both ranks
+    assert 0 <= lines[-1]["eval/score/copy"] <= 1 and lines[-1]["eval/loss/cls"] > 0
     assert (tmp_path / "out" / "adapters" / "tiny" / "adapter_model.safetensors").is_file()
 
 
