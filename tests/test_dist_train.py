@@ -156,7 +156,7 @@ def test_report_written_with_plots(trained):
     report = (out / "report.md").read_text()
     for t in ("copy", "reverse", "sort", "add"):
         assert f"| {t} | 0.250 |" in report
-    for png in ("loss", "exact_match", "sampling_mix"):
+    for png in ("loss", "score", "sampling_mix"):
         assert (out / "plots" / f"{png}.png").stat().st_size > 5000
 
 
