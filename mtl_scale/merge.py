@@ -231,7 +231,7 @@ def merge_run(run_dir: str | Path, methods: list[str], weights: list[float] | No
     if scores:
         best = max(scores, key=lambda m: (scores[m], -_mean([report["merged"][m][t]["loss"] for t in scored])))
         report["best"] = {"method": best, "mean_retention": scores[best],
-                          "why": f"highest mean exact-match retention over {len(scored)} tasks "
+                          "why": f"highest mean score retention over {len(scored)} tasks "
                                  f"({', '.join(f'{m} {s:.2f}' for m, s in sorted(scores.items(), key=lambda x: -x[1]))})"}
 
     full = _full_model_source(full_model, report, names, out, adapters_root)

@@ -62,7 +62,7 @@ def test_every_method_runs_and_report_has_retention(fake_run, tmp_path):
             assert 0 <= m["exact_match"] <= 1 and m["loss"] > 0
             own = report["own"][t]["exact_match"]
             assert report["retention"][method][t] == (m["exact_match"] / own if own else None)
-    assert report["best"]["method"] in METHODS and "highest mean exact-match retention" in report["best"]["why"]
+    assert report["best"]["method"] in METHODS and "highest mean score retention" in report["best"]["why"]
     text = (tmp_path / "merge_report.md").read_text()
     assert "| copy |" in text and "retention" in text and "Serving checks" in text
     assert json.loads((tmp_path / "merge_report.json").read_text())["best"] == report["best"]
