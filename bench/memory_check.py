@@ -1,5 +1,5 @@
 """The memory planner's estimate against the peak memory of real training steps (mtl_scale.trainer.setup
-+ mtl_scale.engine.optimizer_step), per rank.
++ mtl_scale.trainer.train_step), per rank.
 
     deepspeed --num_gpus 2 bench/memory_check.py --hidden 512 --layers 4 --vocab 32000 --batch-sizes 2,4
     deepspeed --num_gpus 2 bench/memory_check.py --hidden 512 --layers 4 --vocab 32000 sharing=soft --tasks 4
@@ -39,8 +39,7 @@ import torch
 from mtl_scale import model_shape, plan_cli, planner
 from mtl_scale.cli import run_entry
 from mtl_scale.config import load_config
-from mtl_scale.engine import optimizer_step
-from mtl_scale.model import build_tiny_tokenizer, cache_dir
+from mtl_scale.model import build_tiny_tokenizer, cache_dir, load_model as load_base
 import mtl_scale.trainer as trainer
 
 MiB = 2 ** 20
@@ -208,7 +207,6 @@ def main():
     # model under zero.Init
     shape = model_shape.model_shape(*model_shape.load_model_config(str(model_dir)))
     baseline = {}
-    real_load = trainer.load_model
     track = not ON_GPU and not args.no_track_tensors
     states_mode = LiveTensorBytes()  # CPU: tensor bytes of the model states, from the load to the first step's end
 
@@ -217,11 +215,10 @@ def main():
         baseline["rss_parts"] = rss_parts()
         if track:
             states_mode.__enter__()
-        return real_load(model_cfg, path)
+        return load_base(model_cfg, path)
 
-    trainer.load_model = load_model
-    run = trainer.setup(cfg)
-    activate = trainer._activator(run)
+    run = trainer.setup(cfg, model_loader=load_model)
+    activate = trainer.activator(run)
     run.engine.train()  # as train_loop does: gradient checkpointing (and dropout) act only in training mode
     dist = torch.distributed
     step = 0
@@ -230,11 +227,9 @@ def main():
     def one_step(b: int, mode=None):
         nonlocal step
         run.cfg.micro_batch_size = b  # the sampler reads it per step; DeepSpeed does not check batch shapes
-        groups = trainer.next_step_groups(run, step)
-        assert all(mb["input_ids"].shape == (b, args.seq_len) for _, mbs in groups for mb in mbs)
-        scales = trainer.step_loss_scales(run, groups)
         with mode if mode is not None else contextlib.nullcontext():
-            optimizer_step(run.engine, groups, activate, scales, run.surgery, run.coupling, step=step)
+            groups, _ = trainer.train_step(run, step, activate)
+        assert all(mb["input_ids"].shape == (b, args.seq_len) for _, mbs in groups for mb in mbs)
         step += 1
 
     for b in sizes:

@@ -15,9 +15,9 @@ import torch
 
 from mtl_scale.cli import run_entry
 from mtl_scale.config import load_config
-from mtl_scale.engine import Surgery, optimizer_step
 from mtl_scale import adapters
-from mtl_scale.trainer import _activator, next_step_groups, setup, step_loss_scales
+from mtl_scale.engine import Surgery
+from mtl_scale.trainer import activator, setup, train_step
 
 
 def main():
@@ -37,15 +37,14 @@ def main():
     run = setup(cfg)
     shared = list(adapters.lora_parameters(run.model, adapters.SHARED).values())
     surgery = Surgery(args.method, shared, cfg.seed)
-    activate = _activator(run)
+    activate = activator(run)
     times = {"sum": [], args.method: []}
     for step in range(2 * args.steps + 4):
         method = "sum" if step % 4 in (0, 3) else args.method  # ABBA
-        groups = next_step_groups(run, step)
-        scales = step_loss_scales(run, groups)
+        run.surgery = surgery if method != "sum" else None
         torch.distributed.barrier()
         t0 = time.perf_counter()
-        optimizer_step(run.engine, groups, activate, scales, surgery if method != "sum" else None, step=step)
+        train_step(run, step, activate)  # the whole training step: draw, loss scales, backward, surgery, update
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if step >= 4:  # warm-up

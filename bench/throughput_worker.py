@@ -97,21 +97,17 @@ def accelerate_deepspeed_on_cpu() -> None:
 
 def measure_ours(cfg: RunConfig, clock: StepClock) -> tuple[dict, object]:
     """The trainer's loop body (mtl_scale.trainer.train_loop) without evaluation, logging and checkpoints."""
-    from mtl_scale.engine import optimizer_step
-    from mtl_scale.trainer import (_activator, next_step_groups, reduce_stats, setup, step_loss_scales,
-                                   step_task_weights, update_balancer)
+    from mtl_scale.trainer import activator, reduce_stats, setup, step_task_weights, train_step, update_balancer
 
     run = setup(cfg)
-    activate = _activator(run)
+    activate = activator(run)
     run.engine.train()
     controller = []  # seconds per step in the adaptive controller itself (its update and DWA's weights)
     for step in range(cfg.max_steps):
-        groups = next_step_groups(run, step)
+        groups, stats = train_step(run, step, activate)  # the very step train_loop takes
         for _, micro_batches in groups:
             for mb in micro_batches:
                 clock.count(mb["attention_mask"])
-        stats = optimizer_step(run.engine, groups, activate, step_loss_scales(run, groups), run.surgery,
-                               run.coupling, step=step)
         metrics = reduce_stats(run, stats)  # the per-step metrics all-reduce every training step does
         if run.balancer is not None:  # adaptive sampling / DWA: the controller's update, as train_loop runs it
             t0 = time.perf_counter()

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -138,7 +139,10 @@ def lr_lambda(cfg: RunConfig) -> LrSchedule:
     return LrSchedule(cfg.warmup_steps, cfg.lr_schedule, cfg.max_steps)
 
 
-def setup(cfg: RunConfig) -> Run:
+def setup(cfg: RunConfig, model_loader: Callable | None = None) -> Run:
+    """Everything a run needs, on every rank: data, the process group, the model with its adapters, the
+    DeepSpeed engine, the sampler. ``model_loader(model_cfg, path)``: how the base is loaded (default
+    mtl_scale.model.load_model; a benchmark may wrap it to measure around the load)."""
     import deepspeed
     from transformers import AutoConfig
     from transformers.integrations import HfDeepSpeedConfig
@@ -164,7 +168,7 @@ def setup(cfg: RunConfig) -> Run:
     ds_config = build_ds_config(cfg, world, hidden)
     # Alive before from_pretrained: transformers then builds the model inside zero.Init, partitioned.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
-    model = load_model(cfg.model, model_path)
+    model = (model_loader or load_model)(cfg.model, model_path)
     names = adapters.adapter_names(cfg.sharing, list(tasks))
     model = adapters.attach_adapters(model, cfg.lora, names, cfg.seed,
                                      task_r=cfg.hybrid.task_r if cfg.sharing == "hybrid" else None)
@@ -240,7 +244,7 @@ def _surgery_and_coupling(cfg: RunConfig, model, names: list[str], stage: int):
     return surgery, coupling
 
 
-def _activator(run: Run):
+def activator(run: Run):
     """Task -> make the LoRA layers apply its adapters. Hard sharing: always the same, nothing to do."""
     if run.cfg.sharing == "hard":
         return lambda task: None
@@ -260,6 +264,18 @@ def next_step_groups(run: Run, step: int):
                                          run.tokenizer.pad_token_id))
         groups.append((task, micro_batches))
     return groups
+
+
+def train_step(run: Run, step: int, activate: Callable[[str], None] | None = None) -> tuple[list, StepStats]:
+    """Optimizer step ``step`` of the run, exactly as training takes it: the step's task groups, their loss
+    scales, the adapters the step leaves untouched, the surgery and coupling of the run, one
+    ``engine.optimizer_step``. Returns the groups and this rank's StepStats (``reduce_stats`` sums them over
+    ranks). The training loop, the benchmarks and the probes all step through here, so a benchmark times
+    what training runs. ``activate``: the run's activator by default (a probe may wrap it)."""
+    groups = next_step_groups(run, step)
+    stats = optimizer_step(run.engine, groups, activate or activator(run), step_loss_scales(run, groups),
+                           run.surgery, run.coupling, step=step, absent=absent_parameters(run, groups))
+    return groups, stats
 
 
 def absent_parameters(run: Run, groups) -> list[torch.nn.Parameter]:
@@ -340,15 +356,13 @@ def train_loop(run: Run) -> None:
     if run.is_writer:
         from mtl_scale.telemetry import MetricsWriter
         writer = MetricsWriter(cfg.output_dir, cfg.max_steps, initial_step=run.step)
-    activate = _activator(run)
+    activate = activator(run)
     run.micro_batches_seen = run.micro_batches_seen or {t: 0 for t in run.tasks}
     run.engine.train()
     try:
         while run.step < cfg.max_steps:
             t0 = time.perf_counter()
-            groups = next_step_groups(run, run.step)
-            stats = optimizer_step(run.engine, groups, activate, step_loss_scales(run, groups),
-                                   run.surgery, run.coupling, step=run.step, absent=absent_parameters(run, groups))
+            groups, stats = train_step(run, run.step, activate)
             metrics = reduce_stats(run, stats)
             if cfg.loss.task_weighting == "dwa":
                 metrics.update({f"loss_weight/{t}": w for t, w in step_task_weights(run).items()})

@@ -169,6 +169,14 @@ def test_zero3_two_ranks_equals_single_process_reference(case, tmp_path, tiny_mo
         firsts = [drawn[0][s * 3]["task"] for s in range(5)]
         assert any(d["task"] not in (firsts[s],) for s in range(5) for d in drawn[0][s * 3:(s + 1) * 3])
     dwa_log = []
+    if case == "soft-token-zero3":
+        # The public step alone (what benchmarks and probes call) trains exactly what train_loop trained.
+        step_args = [a.replace(f"output_dir={tmp_path}", f"output_dir={tmp_path / 'step_api'}") for a in args]
+        launch("tests/scripts/step_probe.py", ["configs/demo.yaml", *step_args])
+        for name in [t.name for t in cfg.tasks]:
+            loop = load_file(tmp_path / "adapters" / name / "adapter_model.safetensors")
+            step_api = load_file(tmp_path / "step_api" / "adapters" / name / "adapter_model.safetensors")
+            assert loop.keys() == step_api.keys() and all(torch.equal(loop[k], step_api[k]) for k in loop), name
     expected = reference_adapters(cfg, tiny_model_dir, drawn, dwa_log)
     if cfg.loss.task_weighting == "dwa":  # the run weighted its losses as the reference did
         for m, w in zip(metrics, dwa_log, strict=True):

@@ -19,7 +19,7 @@ from mtl_scale import adapters
 from mtl_scale.cli import run_entry
 from mtl_scale.config import load_config
 from mtl_scale.evaluate import evaluate_during_training
-from mtl_scale.trainer import _activator, finish, setup, train_loop
+from mtl_scale.trainer import activator, finish, setup, train_loop
 
 PROBE_TEXT = ["sort [jihgfe] ->", "add 12 and 30 ->"]
 
@@ -45,10 +45,10 @@ def main():
     calls, head_calls = [], mtl_scale.evaluate.head_calls
     mtl_scale.evaluate.head_calls = lambda *a: calls.append(head_calls(*a)) or calls[-1]
     eval_cfg = replace(cfg.eval, max_new_tokens=1)  # the loss is what is compared; generation kept short
-    chunked = evaluate_during_training(run.model, run.tokenizer, run.tasks, eval_cfg, _activator(run), run.rank,
+    chunked = evaluate_during_training(run.model, run.tokenizer, run.tasks, eval_cfg, activator(run), run.rank,
                                        run.world)
     full = evaluate_during_training(run.model, run.tokenizer, run.tasks, replace(eval_cfg, loss_chunk_tokens=0),
-                                    _activator(run), run.rank, run.world)
+                                    activator(run), run.rank, run.world)
     (out / f"rank{run.rank}_eval.json").write_text(json.dumps({"chunked": chunked, "full": full,
                                                                 "head_calls": calls}))
 

@@ -21,8 +21,7 @@ import deepspeed.comm.comm as ds_comm
 from mtl_scale import adapters
 from mtl_scale.cli import run_entry
 from mtl_scale.config import load_config
-from mtl_scale.engine import optimizer_step
-from mtl_scale.trainer import _activator, next_step_groups, setup, step_loss_scales
+from mtl_scale.trainer import activator, setup, train_step
 
 
 def main():
@@ -41,7 +40,7 @@ def main():
         return reduce(param)
     optimizer.reduce_independent_p_g_buckets_and_remove_grads = counting_reduce
 
-    activate, current = _activator(run), [None]
+    activate, current = activator(run), [None]
 
     def tracking_activate(task):
         current[0] = task
@@ -79,9 +78,7 @@ def main():
     trace_complete, in_place = [], []
     run.engine.train()
     for step in range(cfg.max_steps):
-        groups = next_step_groups(run, step)
-        optimizer_step(run.engine, groups, tracking_activate, step_loss_scales(run, groups), run.surgery,
-                       run.coupling, step=step)
+        train_step(run, step, tracking_activate)
         trace_complete.append(coordinator.is_complete_trace())
         in_place.append([p.data_ptr() for p in lora] == before)
     tensors = {name: len(adapters.lora_parameters(run.model, name)) for name in run.adapter_names}
