@@ -169,3 +169,11 @@ def test_memory_md_shows_what_the_planner_prints(capsys):
     assert block, "docs/MEMORY.md lost the 8-GPU example's printout"
     main(["--config", "configs/llama3_8b_8gpu.yaml"])
     assert capsys.readouterr().out == block.group(1)
+
+
+def test_readme_layout_names_every_module():
+    """The README's layout lists every module of the package (a new module without a line fails)."""
+    layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"(\w+)\.py", layout))
+    modules = {p.stem for p in (ROOT / "mtl_scale").rglob("*.py") if p.stem != "__init__"}
+    assert modules - named == set(), f"modules missing from README.md's layout: {sorted(modules - named)}"
