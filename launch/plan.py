@@ -5,14 +5,10 @@
     python launch/plan.py --config configs/llama3_8b_8gpu.yaml --offload optimizer --json sharing=hard
 
 The formulas and their measured error: docs/MEMORY.md.
+
+Installed, the same is the ``mtl-plan`` command (mtl_scale/plan_cli.py).
 """
-from mtl_scale.cli import run_entry
-
-
-def main():
-    from mtl_scale.plan_cli import main as plan_main
-    plan_main()
-
+from mtl_scale.plan_cli import cli
 
 if __name__ == "__main__":
-    run_entry(main)
+    cli()

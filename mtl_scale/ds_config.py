@@ -13,15 +13,16 @@ from pathlib import Path
 from mtl_scale.config import RunConfig
 from mtl_scale.errors import UserError
 
-CHECKOUT = Path(__file__).resolve().parent.parent
+PACKAGE = Path(__file__).resolve().parent  # ships ds_configs/ (the checkout's ds_configs is a link to it)
 
 
 def resolve_path(path: str) -> Path:
-    """``path`` as given, else relative to the mtl_scale checkout (for the shipped ds_configs/)."""
+    """``path`` as given, else relative to the package (the shipped ``ds_configs/zero3.json``...), so the
+    default config works from any directory and from an installed wheel."""
     p = Path(path).expanduser()
     if p.is_file() or p.is_absolute():
         return p
-    return CHECKOUT / p if (CHECKOUT / p).is_file() else p
+    return PACKAGE / p if (PACKAGE / p).is_file() else p
 
 
 def gradient_accumulation_steps(cfg: RunConfig) -> int:

@@ -248,3 +248,9 @@ def main(argv: list[str] | None = None) -> Plan:
         result = plan(shape, inp)
     print(json.dumps(to_json(result), indent=2) if args.json else render(result))
     return result
+
+
+def cli() -> None:
+    """The ``mtl-plan`` command (and launch/plan.py)."""
+    from mtl_scale.cli import run_entry
+    run_entry(main)
