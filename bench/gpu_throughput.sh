@@ -9,9 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROCS=${NPROCS:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
-MODEL=$(python3 - <<'EOF'
-import argparse, sys
-sys.path.insert(0, "bench")
+MODEL=$(PYTHONPATH=bench python3 - <<'EOF'
+import argparse
 from memory_check import build_model
 print(build_model(argparse.Namespace(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256,
                                      seq_len=2048)))

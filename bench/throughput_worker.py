@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import RESULT_TAG, flops_per_token, window  # noqa: E402
+from throughput import RESULT_TAG, flops_per_token, window  # a sibling script: bench/ is sys.path[0] when run
 
-from mtl_scale import adapters  # noqa: E402
-from mtl_scale.cli import run_entry  # noqa: E402
-from mtl_scale.config import RunConfig, load_config  # noqa: E402
+from mtl_scale import adapters
+from mtl_scale.cli import run_entry
+from mtl_scale.config import RunConfig, load_config
 
 
 class StepClock:

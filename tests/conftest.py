@@ -1,11 +1,9 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 # One cache for the built tiny model, shared by the test process and the ranks it launches.
 os.environ.setdefault("MTL_SCALE_CACHE", str(ROOT / ".cache" / "mtl_scale"))
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"

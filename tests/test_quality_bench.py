@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-import quality  # noqa: E402
+import quality  # bench/ is on pytest's pythonpath (pyproject.toml)
 
 
 def test_summary_is_mean_and_sample_std_over_seeds():

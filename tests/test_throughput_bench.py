@@ -10,8 +10,7 @@ import pytest
 
 from dist import ROOT, _run
 
-sys.path.insert(0, str(ROOT / "bench"))
-import throughput as tp  # noqa: E402
+import throughput as tp  # bench/ is on pytest's pythonpath (pyproject.toml)
 
 
 def test_flops_per_token_by_hand():
