@@ -1,4 +1,3 @@
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -9,8 +8,6 @@ from mtl_scale.config import EvalConfig, TaskConfig
 from mtl_scale.data.formatting import encode
 from mtl_scale.evaluate import (chunked_head, evaluate_during_training, exact_match, head_calls, loss_sums,
                                  results_table)
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class EchoModel(torch.nn.Module):
