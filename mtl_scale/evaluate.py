@@ -208,12 +208,7 @@ def exact_match(model, tokenizer, data: Encoded, batch_size: int, max_new_tokens
     surrounding whitespace), and the generated texts."""
     outputs = generate(model, tokenizer, data, batch_size, max_new_tokens, stop_at_reference=True, device=device,
                        synced_gpus=synced_gpus)
-    return count_hits(outputs, data.references) / max(len(outputs), 1), outputs
-
-
-def count_hits(outputs: list[str], references: list[str]) -> int:
-    """How many generations equal their reference, both stripped of surrounding whitespace."""
-    return sum(o.strip() == r.strip() for o, r in zip(outputs, references))
+    return sum(map(exact_match_score, outputs, data.references)) / max(len(outputs), 1), outputs
 
 
 def choose(model, tokenizer, data: Encoded, task: TaskConfig, batch_size: int, device=None, chunk_tokens: int = 0,
@@ -224,11 +219,8 @@ def choose(model, tokenizer, data: Encoded, task: TaskConfig, batch_size: int, d
     nll = []
     for option in task.choices:
         options = encode_options(data.prompt_texts, option, task.format, tokenizer)
-        calls = head_calls(options, batch_size, chunk_tokens) if chunk_tokens > 0 else None
-        if calls is not None and sync is not None:
-            calls = sync(calls)
         nll.append(example_loss_sums(model, options, tokenizer.pad_token_id, batch_size, device, chunk_tokens,
-                                     calls)[0])
+                                     _synced_head_calls(options, batch_size, chunk_tokens, sync))[0])
     return [task.choices[min(range(len(task.choices)), key=lambda k: nll[k][i])] for i in range(len(data))]
 
 
@@ -249,9 +241,7 @@ def score_task(model, tokenizer, data: Encoded, task: TaskConfig, eval_cfg, devi
     metric = resolve(task.metric, task.answer_pattern, task.name)
     chunk = eval_cfg.loss_chunk_tokens
     sync = (lambda calls: _max_over_ranks(calls, device)) if world > 1 else None
-    calls = head_calls(data, eval_cfg.batch_size, chunk) if chunk > 0 else None
-    if calls is not None and sync is not None:
-        calls = sync(calls)
+    calls = _synced_head_calls(data, eval_cfg.batch_size, chunk, sync)
     total, count = loss_sums(model, data, tokenizer.pad_token_id, eval_cfg.batch_size, device, chunk, calls)
     if metric.generates:
         predictions = generate(model, tokenizer, data, eval_cfg.batch_size, task.max_new_tokens or
@@ -261,6 +251,15 @@ def score_task(model, tokenizer, data: Encoded, task: TaskConfig, eval_cfg, devi
         predictions = choose(model, tokenizer, data, task, eval_cfg.batch_size, device, chunk, sync)
     return TaskScores(total, count, predictions, [float(metric.score(p, r)) for p, r in zip(predictions, data.references)],
                       [exact_match_score(p, r) for p, r in zip(predictions, data.references)])
+
+
+def _synced_head_calls(data: Encoded, batch_size: int, chunk_tokens: int,
+                       sync: Callable[[list[int]], list[int]] | None) -> list[int] | None:
+    """Per batch, the output-head calls of the chunked loss (None without chunking), made equal over ranks."""
+    if chunk_tokens <= 0:
+        return None
+    calls = head_calls(data, batch_size, chunk_tokens)
+    return sync(calls) if sync is not None else calls
 
 
 def _max_over_ranks(values: list[int], device) -> list[int]:
