@@ -97,7 +97,7 @@ def encode(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, truncation: 
     references = tokenizer.batch_decode([_until_eos(c, eos) for c in completions], skip_special_tokens=True)
     references = [drop_overlap(r, o) for r, o in zip(references, overlaps)]
     out = Encoded([], [], [])
-    for (p, c, ref, overlap), (prompt_text, _) in zip(zip(prompts, completions, references, overlaps), pairs):
+    for p, c, ref, overlap, (prompt_text, _) in zip(prompts, completions, references, overlaps, pairs):
         if len(p) + len(c) > max_seq_len:
             if truncation == "drop" or len(p) >= max_seq_len:
                 out.dropped += 1
