@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from mtl_scale import model_shape, plan_cli, planner
+from mtl_scale.plan import cli as plan_cli, estimate as planner, shape as model_shape
 from mtl_scale.cli import run_entry
 from mtl_scale.config import load_config
 from mtl_scale.model import build_tiny_tokenizer, cache_dir, load_model as load_base
@@ -226,9 +226,10 @@ def main():
 
     def one_step(b: int, mode=None):
         nonlocal step
-        run.cfg.micro_batch_size = b  # the sampler reads it per step; DeepSpeed does not check batch shapes
         with mode if mode is not None else contextlib.nullcontext():
-            groups, _ = trainer.train_step(run, step, activate)
+            # the step's batches drawn at size b (DeepSpeed does not check batch shapes), then the training step
+            groups = trainer.next_step_groups(run, step, micro_batch_size=b)
+            trainer.train_step(run, step, activate, groups)
         assert all(mb["input_ids"].shape == (b, args.seq_len) for _, mbs in groups for mb in mbs)
         step += 1
 

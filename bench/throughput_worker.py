@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -96,7 +95,8 @@ def accelerate_deepspeed_on_cpu() -> None:
 
 def measure_ours(cfg: RunConfig, clock: StepClock) -> tuple[dict, object]:
     """The trainer's loop body (mtl_scale.trainer.train_loop) without evaluation, logging and checkpoints."""
-    from mtl_scale.trainer import activator, reduce_stats, setup, step_task_weights, train_step, update_balancer
+    from mtl_scale.telemetry import reduce_stats
+    from mtl_scale.trainer import activator, setup, step_task_weights, train_step, update_balancer
 
     run = setup(cfg)
     activate = activator(run)
@@ -133,8 +133,8 @@ def measure_hf(cfg: RunConfig, clock: StepClock) -> tuple[dict, object]:
     from mtl_scale.data.prepare import prepare_tasks
     from mtl_scale.ds_config import build_ds_config, gradient_accumulation_steps
     from mtl_scale.model import DTYPES, load_tokenizer, resolve_model_path
-    from mtl_scale.model_shape import model_shape
-    from mtl_scale.planner import adapter_and_frozen_sizes
+    from mtl_scale.plan.shape import model_shape
+    from mtl_scale.plan.estimate import adapter_and_frozen_sizes
 
     if not torch.cuda.is_available():
         accelerate_deepspeed_on_cpu()

@@ -6,9 +6,9 @@
 
 The formulas and their measured error: docs/MEMORY.md.
 
-Installed, the same is the ``mtl-plan`` command (mtl_scale/plan_cli.py).
+Installed, the same is the ``mtl-plan`` command (mtl_scale/plan/cli.py).
 """
-from mtl_scale.plan_cli import cli
+from mtl_scale.plan.cli import cli
 
 if __name__ == "__main__":
     cli()

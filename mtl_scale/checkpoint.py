@@ -13,6 +13,7 @@ functions of (seed, step), so restoring the step restores them.
 """
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import re
@@ -153,3 +154,58 @@ class WeightsOnlyLoads:
 
     def load(self, path: str, map_location=None):
         return load_weights_only(path, map_location)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` under a temporary name and rename it: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+def _step_of(line: str) -> float:
+    """A metrics line's step; a line cut short by a kill counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError):
+        return float("inf")
+
+
+def save_run(run) -> Path:
+    """Checkpoint a run (trainer.Run) at its current step: the engine, and per rank the sampler, counters,
+    RNG and adaptive controller. Collective."""
+    state = {"step": run.step, "sampler": run.sampler.state_dict(), "micro_batches_seen": run.micro_batches_seen,
+             "consecutive_skips": run.consecutive_skips, "torch_rng": torch.get_rng_state()}
+    if run.balancer is not None:  # probabilities, loss EMAs, the rule's weights and history
+        state["balancer"] = run.balancer.state_dict()
+    if torch.cuda.is_available():  # dropout on GPU draws from the CUDA generator
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    return save(run.engine, run.rank, run.step, run.cfg, state)
+
+
+def restore_run(run, ckpt: Path) -> None:
+    """Put a run (trainer.Run) back at the state ``save_run`` wrote; metrics a killed run logged after it
+    are dropped from metrics.jsonl."""
+    state = load(run.engine, run.rank, ckpt)
+    run.step = state["step"]
+    run.sampler.load_state_dict(state["sampler"])
+    run.micro_batches_seen = state["micro_batches_seen"]
+    run.consecutive_skips = state["consecutive_skips"]
+    if run.balancer is not None:
+        run.balancer.load_state_dict(state["balancer"])
+        run.sampler.probs = dict(run.balancer.probs)
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    schedule = run.engine.lr_scheduler.lr_lambdas[0]  # its horizon came back with the scheduler's state
+    if run.is_writer and schedule.schedule != "constant" and schedule.horizon != run.cfg.max_steps:
+        log.warning("resume: max_steps is now %d, but the %s LR schedule keeps the horizon it started with "
+                    "(max_steps=%d): %s", run.cfg.max_steps, schedule.schedule, schedule.horizon,
+                    f"the LR stays at its 10% floor after step {schedule.horizon}"
+                    if run.cfg.max_steps > schedule.horizon else "the run stops before the LR has decayed")
+    if run.is_writer:  # drop metrics a killed run wrote after this checkpoint
+        path = Path(run.cfg.output_dir) / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= run.step]
+            write_atomic(path, "".join(line + "\n" for line in kept))
+    log.info("resumed from %s at step %d", ckpt, run.step)

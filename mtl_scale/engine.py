@@ -124,7 +124,7 @@ def apply_surgery(surgery: Surgery, tasks: list[str], cumulative_shards: list[to
     shards = torch.stack(cumulative_shards)              # (K, n_local): the running sums after each task
     for k in range(len(shards) - 1, 0, -1):              # in place, last first: task k's own is sum_k - sum_k-1
         shards[k] -= shards[k - 1]
-    shards64 = shards.double()                           # the one float64 copy (planner.SURGERY_BYTES)
+    shards64 = shards.double()                           # the one float64 copy (mtl_scale.plan.estimate.SURGERY_BYTES)
     gram = shards64 @ shards64.T                         # (K, K), this rank's share of every dot product
     del shards64
     if torch.distributed.is_initialized():

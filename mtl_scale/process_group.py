@@ -1,6 +1,7 @@
-"""Child processes that must not outlive their caller: a free port for a launch, and a command run in a
-session of its own under a timeout, its whole process group (the DeepSpeed launcher's ranks too) killed
-afterwards whatever happened. Used by the trainer (the port of a world of one), the benchmarks and the
+"""Process groups: the one a run's ranks join (``init_distributed``: torchrun/deepspeed/srun environments,
+gloo on CPU, NCCL on GPU), and child processes that must not outlive their caller (a free port for a
+launch, a command run in a session of its own under a timeout, its whole process group, the DeepSpeed
+launcher's ranks too, killed afterwards whatever happened). Used by the trainer, the benchmarks and the
 tests' DeepSpeed launches."""
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
+
+import torch
+
+from mtl_scale.errors import UserError
 
 
 class LaunchTimeout(RuntimeError):
@@ -50,3 +56,35 @@ def run_group(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path
         except ProcessLookupError:
             pass
     return subprocess.CompletedProcess(cmd, proc.returncode, out or "", "")
+
+
+def init_distributed(timeout_s: int) -> tuple[int, int]:
+    """Join the process group the launcher set up (or make a one-rank group for ``python train.py``)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # srun, one task per GPU
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ["SLURM_LOCALID"],
+                          LOCAL_WORLD_SIZE=os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise UserError("under srun, export MASTER_ADDR (the first node's hostname) and MASTER_PORT; "
+                            "see launch/slurm_srun.sbatch")
+    if "RANK" not in os.environ:  # started without a launcher: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    on_gpu = get_accelerator().device_name() == "cuda"
+    if not on_gpu and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks on one machine share its cores; oversubscription makes every rank slower.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if not on_gpu:
+        # DeepSpeed builds its shared-memory op (a JIT C++ compile) for every CPU world, yet only its
+        # inference_all_reduce uses it. A fresh machine then spends minutes compiling inside the first launch, a
+        # launch killed mid-build leaves torch's lock file behind and every later launch waits on it forever, and
+        # each world leaves its buffers in /dev/shm. Training needs none of it: gloo does the reductions.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
+    if on_gpu:
+        get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()

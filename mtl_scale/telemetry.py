@@ -1,12 +1,15 @@
-"""Where step metrics go: a JSON line per step, TensorBoard scalars, and a progress bar.
-
-Only the writing rank constructs one; nothing of mtl_scale is imported here.
+"""Step metrics: made from a step's StepStats (``reduce_stats``, summed over ranks; ``surgery_metrics``), and
+written (``MetricsWriter``: a JSON line per step, TensorBoard scalars, and a progress bar; rank 0 only).
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+
+import torch
+
+from mtl_scale.surgery import cosine_matrix
 
 
 class MetricsWriter:
@@ -46,3 +49,42 @@ def _clean(v):
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
+
+
+def reduce_stats(run, stats) -> dict[str, float]:
+    """Sum per-task loss and token counts over ranks (one small all-reduce) into step metrics."""
+    names = list(run.tasks)
+    vec = torch.tensor([stats.loss_sum.get(t, 0.0) for t in names] +
+                       [float(stats.loss_tokens.get(t, 0)) for t in names] + [float(stats.tokens)],
+                       dtype=torch.float64, device=run.engine.device)
+    torch.distributed.all_reduce(vec)
+    vec = vec.cpu().tolist()
+    k = len(names)
+    out = {}
+    total_loss, total_tokens = 0.0, 0.0
+    for i, t in enumerate(names):
+        if vec[k + i] > 0:
+            out[f"loss/{t}"] = vec[i] / vec[k + i]
+            out[f"tokens/{t}"] = vec[k + i]
+            total_loss, total_tokens = total_loss + vec[i], total_tokens + vec[k + i]
+    out["loss"] = total_loss / total_tokens
+    out["tokens"] = vec[2 * k]
+    return out
+
+
+def surgery_metrics(s, task_order: list[str]) -> dict[str, float]:
+    """Per-task gradient norms and surgery weights, pairwise cosines, conflicts and projections."""
+    cos = cosine_matrix(s.gram)
+    out = {"surgery/projections": float(s.projections)}
+    for i, t in enumerate(s.tasks):
+        out[f"grad_norm/{t}"] = float(s.gram[i, i].clamp(min=0).sqrt())
+        out[f"surgery_weight/{t}"] = float(s.weights[i])
+    pairs = []
+    for i in range(len(s.tasks)):
+        for j in range(i + 1, len(s.tasks)):
+            a, b = sorted((s.tasks[i], s.tasks[j]), key=task_order.index)
+            out[f"grad_cos/{a}|{b}"] = float(cos[i, j])
+            pairs.append(float(cos[i, j]))
+    if pairs:
+        out["surgery/conflict_fraction"] = sum(c < 0 for c in pairs) / len(pairs)
+    return out

@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -30,10 +28,10 @@ from mtl_scale.engine import Coupling, StepStats, Surgery, optimizer_step
 from mtl_scale.evaluate import evaluate_during_training
 from mtl_scale.loss_weighting import loss_scales
 from mtl_scale.model import load_model, load_tokenizer, resolve_model_path
-from mtl_scale.process_group import free_port
+from mtl_scale.process_group import init_distributed
 from mtl_scale.errors import TrainingAborted, UserError
 from mtl_scale.sampling import TaskSampler, task_probabilities
-from mtl_scale.surgery import cosine_matrix
+from mtl_scale.telemetry import reduce_stats, surgery_metrics
 
 log = logging.getLogger(__name__)
 
@@ -76,38 +74,6 @@ class Run:
     @property
     def adapter_names(self) -> list[str]:
         return adapters.adapter_names(self.cfg.sharing, list(self.tasks))
-
-
-def init_distributed(timeout_s: int) -> tuple[int, int]:
-    """Join the process group the launcher set up (or make a one-rank group for ``python train.py``)."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # srun, one task per GPU
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                          LOCAL_RANK=os.environ["SLURM_LOCALID"],
-                          LOCAL_WORLD_SIZE=os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
-        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-            raise UserError("under srun, export MASTER_ADDR (the first node's hostname) and MASTER_PORT; "
-                            "see launch/slurm_srun.sbatch")
-    if "RANK" not in os.environ:  # started without a launcher: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    on_gpu = get_accelerator().device_name() == "cuda"
-    if not on_gpu and "OMP_NUM_THREADS" not in os.environ:
-        # CPU ranks on one machine share its cores; oversubscription makes every rank slower.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    if not on_gpu:
-        # DeepSpeed builds its shared-memory op (a JIT C++ compile) for every CPU world, yet only its
-        # inference_all_reduce uses it. A fresh machine then spends minutes compiling inside the first launch, a
-        # launch killed mid-build leaves torch's lock file behind and every later launch waits on it forever, and
-        # each world leaves its buffers in /dev/shm. Training needs none of it: gloo does the reductions.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
-    if on_gpu:
-        get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 class LrSchedule:
@@ -252,27 +218,30 @@ def activator(run: Run):
     return lambda task: adapters.activate(run.model, adapters.adapters_for_task(run.cfg.sharing, task), layers)
 
 
-def next_step_groups(run: Run, step: int):
-    """The step's (task, [micro-batch, ...]) groups: rank-identical tasks, this rank's examples."""
+def next_step_groups(run: Run, step: int, micro_batch_size: int | None = None):
+    """The step's (task, [micro-batch, ...]) groups: rank-identical tasks, this rank's examples.
+    ``micro_batch_size``: the config's by default (bench/memory_check.py measures several in one run)."""
     groups = []
     for task, n_micro in run.sampler.plan(step):
         data = run.tasks[task].train
         micro_batches = []
         for _ in range(n_micro):
-            idx = run.sampler.take(task, run.cfg.micro_batch_size)
+            idx = run.sampler.take(task, micro_batch_size or run.cfg.micro_batch_size)
             micro_batches.append(collate([(data.input_ids[i], data.labels[i]) for i in idx],
                                          run.tokenizer.pad_token_id))
         groups.append((task, micro_batches))
     return groups
 
 
-def train_step(run: Run, step: int, activate: Callable[[str], None] | None = None) -> tuple[list, StepStats]:
+def train_step(run: Run, step: int, activate: Callable[[str], None] | None = None,
+               groups: list | None = None) -> tuple[list, StepStats]:
     """Optimizer step ``step`` of the run, exactly as training takes it: the step's task groups, their loss
     scales, the adapters the step leaves untouched, the surgery and coupling of the run, one
-    ``engine.optimizer_step``. Returns the groups and this rank's StepStats (``reduce_stats`` sums them over
-    ranks). The training loop, the benchmarks and the probes all step through here, so a benchmark times
-    what training runs. ``activate``: the run's activator by default (a probe may wrap it)."""
-    groups = next_step_groups(run, step)
+    ``engine.optimizer_step``. Returns the groups and this rank's StepStats (telemetry.reduce_stats sums them
+    over ranks). The training loop, the benchmarks and the probes all step through here, so a benchmark times
+    what training runs. ``activate``: the run's activator by default (a probe may wrap it); ``groups``:
+    ``next_step_groups(run, step)`` by default (a benchmark may draw them with another micro-batch size)."""
+    groups = groups if groups is not None else next_step_groups(run, step)
     stats = optimizer_step(run.engine, groups, activate or activator(run), step_loss_scales(run, groups),
                            run.surgery, run.coupling, step=step, absent=absent_parameters(run, groups))
     return groups, stats
@@ -309,45 +278,6 @@ def step_loss_scales(run: Run, groups) -> dict[str, float]:
     in_step = {t: int(c) for t, c in zip(names, counts.tolist()) if t in dict(groups)}
     return loss_scales(run.cfg.loss.task_weighting, in_step, run.world, gradient_accumulation_steps(run.cfg),
                        step_task_weights(run))
-
-
-def reduce_stats(run: Run, stats: StepStats) -> dict[str, float]:
-    """Sum per-task loss and token counts over ranks (one small all-reduce) into step metrics."""
-    names = list(run.tasks)
-    vec = torch.tensor([stats.loss_sum.get(t, 0.0) for t in names] +
-                       [float(stats.loss_tokens.get(t, 0)) for t in names] + [float(stats.tokens)],
-                       dtype=torch.float64, device=run.engine.device)
-    torch.distributed.all_reduce(vec)
-    vec = vec.cpu().tolist()
-    k = len(names)
-    out = {}
-    total_loss, total_tokens = 0.0, 0.0
-    for i, t in enumerate(names):
-        if vec[k + i] > 0:
-            out[f"loss/{t}"] = vec[i] / vec[k + i]
-            out[f"tokens/{t}"] = vec[k + i]
-            total_loss, total_tokens = total_loss + vec[i], total_tokens + vec[k + i]
-    out["loss"] = total_loss / total_tokens
-    out["tokens"] = vec[2 * k]
-    return out
-
-
-def surgery_metrics(s, task_order: list[str]) -> dict[str, float]:
-    """Per-task gradient norms and surgery weights, pairwise cosines, conflicts and projections."""
-    cos = cosine_matrix(s.gram)
-    out = {"surgery/projections": float(s.projections)}
-    for i, t in enumerate(s.tasks):
-        out[f"grad_norm/{t}"] = float(s.gram[i, i].clamp(min=0).sqrt())
-        out[f"surgery_weight/{t}"] = float(s.weights[i])
-    pairs = []
-    for i in range(len(s.tasks)):
-        for j in range(i + 1, len(s.tasks)):
-            a, b = sorted((s.tasks[i], s.tasks[j]), key=task_order.index)
-            out[f"grad_cos/{a}|{b}"] = float(cos[i, j])
-            pairs.append(float(cos[i, j]))
-    if pairs:
-        out["surgery/conflict_fraction"] = sum(c < 0 for c in pairs) / len(pairs)
-    return out
 
 
 def train_loop(run: Run) -> None:
@@ -408,7 +338,7 @@ def train_loop(run: Run) -> None:
             preempt = _any_rank(run, run.stop_requested)
             if preempt or (cfg.checkpoint.every_steps and run.step % cfg.checkpoint.every_steps == 0
                            and run.step < cfg.max_steps):
-                save_checkpoint(run)
+                checkpoint.save_run(run)
             if preempt:
                 run.preempted = True
                 log.warning("SIGTERM: checkpoint written at step %d; exiting (resume=auto continues)", run.step)
@@ -434,50 +364,6 @@ def _any_rank(run: Run, flag: bool) -> bool:
     return bool(t.item())
 
 
-def _step_of(line: str) -> float:
-    """A metrics line's step; a line cut short by a kill counts as after every checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError):
-        return float("inf")
-
-
-def save_checkpoint(run: Run) -> Path:
-    state = {"step": run.step, "sampler": run.sampler.state_dict(), "micro_batches_seen": run.micro_batches_seen,
-             "consecutive_skips": run.consecutive_skips, "torch_rng": torch.get_rng_state()}
-    if run.balancer is not None:  # probabilities, loss EMAs, the rule's weights and history
-        state["balancer"] = run.balancer.state_dict()
-    if torch.cuda.is_available():  # dropout on GPU draws from the CUDA generator
-        state["cuda_rng"] = torch.cuda.get_rng_state()
-    return checkpoint.save(run.engine, run.rank, run.step, run.cfg, state)
-
-
-def restore(run: Run, ckpt: Path) -> None:
-    state = checkpoint.load(run.engine, run.rank, ckpt)
-    run.step = state["step"]
-    run.sampler.load_state_dict(state["sampler"])
-    run.micro_batches_seen = state["micro_batches_seen"]
-    run.consecutive_skips = state["consecutive_skips"]
-    if run.balancer is not None:
-        run.balancer.load_state_dict(state["balancer"])
-        run.sampler.probs = dict(run.balancer.probs)
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_rng"])
-    schedule = run.engine.lr_scheduler.lr_lambdas[0]  # its horizon came back with the scheduler's state
-    if run.is_writer and schedule.schedule != "constant" and schedule.horizon != run.cfg.max_steps:
-        log.warning("resume: max_steps is now %d, but the %s LR schedule keeps the horizon it started with "
-                    "(max_steps=%d): %s", run.cfg.max_steps, schedule.schedule, schedule.horizon,
-                    f"the LR stays at its 10% floor after step {schedule.horizon}"
-                    if run.cfg.max_steps > schedule.horizon else "the run stops before the LR has decayed")
-    if run.is_writer:  # drop metrics a killed run wrote after this checkpoint
-        path = Path(run.cfg.output_dir) / "metrics.jsonl"
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= run.step]
-            _write_atomic(path, "".join(line + "\n" for line in kept))
-    log.info("resumed from %s at step %d", ckpt, run.step)
-
-
 def save_adapters(run: Run) -> Path:
     """Every adapter to ``<output_dir>/adapters/<name>/`` (PEFT layout), plus the resolved config
     (what launch/evaluate.py and launch/merge.py need). Collective under ZeRO-3 (gathers the adapters)."""
@@ -485,7 +371,7 @@ def save_adapters(run: Run) -> Path:
     for name in run.adapter_names:
         adapters.save_adapter(run.model, name, out / "adapters" / name, run.model_path, run.is_writer)
     if run.is_writer:
-        _write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
+        checkpoint.write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
     run.adapters_saved_step = run.step
     return out
 
@@ -499,13 +385,7 @@ def write_summary(run: Run) -> None:
             "final": run.history[-1] if run.history else {},
             "data": data_summary(run.tasks),
         }
-        _write_atomic(out / "train_summary.json", json.dumps(summary, indent=2))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.rename(path)
+        checkpoint.write_atomic(out / "train_summary.json", json.dumps(summary, indent=2))
 
 
 def finish(run: Run) -> None:
@@ -521,7 +401,7 @@ def finish(run: Run) -> None:
 def train(cfg: RunConfig) -> Run:
     run = setup(cfg)  # resolves resume before the heavy set-up: a wrong resume fails fast, on every rank
     if run.resume_from is not None:
-        restore(run, run.resume_from)
+        checkpoint.restore_run(run, run.resume_from)
     signal.signal(signal.SIGTERM, lambda *_: setattr(run, "stop_requested", True))
     train_loop(run)
     if not run.preempted:

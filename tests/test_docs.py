@@ -162,7 +162,7 @@ def test_the_checks_catch_a_rename(monkeypatch, capsys):
 def test_memory_md_shows_what_the_planner_prints(capsys):
     """Golden file: the plan printed in docs/MEMORY.md for the shipped 8-GPU example is what
     `python launch/plan.py --config configs/llama3_8b_8gpu.yaml` prints today."""
-    from mtl_scale.plan_cli import main
+    from mtl_scale.plan.cli import main
 
     text = (ROOT / "docs" / "MEMORY.md").read_text()
     block = re.search(r"What it printed for the shipped 8-GPU example[^\n]*\n\n```\n(.*?)```", text, re.S)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtl_scale import model_shape, plan_cli, planner
+from mtl_scale.plan import cli as plan_cli, estimate as planner, shape as model_shape
 from mtl_scale.ds_config import persistence_threshold
 from mtl_scale.engine import Surgery, apply_surgery
 from mtl_scale.errors import UserError

@@ -4,7 +4,6 @@ import json
 import re
 import statistics
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -5,7 +5,6 @@
 VIEW is this rank's resume view: ``none``, ``error:<message>`` or a checkpoint path. Prints
 ``agreed: <path or None>``, or the UserError both checks raise (exit 2).
 """
-import os
 import sys
 from datetime import timedelta
 from pathlib import Path

@@ -1,5 +1,5 @@
 """A model's shape from its config.json: the model is instantiated on the meta device (shapes, no weights,
-no memory), so parameter counts and the Linear layers LoRA wraps are exact. What mtl_scale.planner
+no memory), so parameter counts and the Linear layers LoRA wraps are exact. What mtl_scale.plan.estimate
 estimates memory from."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from mtl_scale.config import TINY_MODEL
 from mtl_scale.errors import UserError
 
-CHECKOUT = Path(__file__).resolve().parent.parent
+CHECKOUT = Path(__file__).resolve().parents[2]
 SHIPPED_MODELS = CHECKOUT / "configs" / "models"
 
 

@@ -1,8 +1,8 @@
 """Per-GPU memory plan for a LoRA run under DeepSpeed ZeRO: does it fit, and if not, what would.
 
-The command line (launch/plan.py) is mtl_scale/plan_cli.py. Everything is computed from the model's
+The command line (launch/plan.py) is mtl_scale/plan/cli.py. Everything is computed from the model's
 config.json: the model is instantiated on the meta device (shapes, no weights, no memory), so parameter
-counts are exact (mtl_scale/model_shape.py). Per GPU (W = nodes x GPUs per node, p = bytes of the
+counts are exact (mtl_scale/plan/shape.py). Per GPU (W = nodes x GPUs per node, p = bytes of the
 training dtype, g = bytes of DeepSpeed's gradient-accumulation dtype, N = trainable LoRA parameters,
 b x s tokens per micro-batch):
 
@@ -69,7 +69,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from mtl_scale.model_shape import ModelShape, lora_matrix_numels, lora_param_counts, lora_targets
+from mtl_scale.plan.shape import ModelShape, lora_matrix_numels, lora_param_counts, lora_targets
 
 GiB = 2 ** 30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

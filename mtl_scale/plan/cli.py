@@ -1,4 +1,4 @@
-"""The command line of the memory planner (mtl_scale.planner): a run config and flags in, the plan out
+"""The command line of the memory planner (mtl_scale.plan.estimate): a run config and flags in, the plan out
 as a table or JSON.
 
     python launch/plan.py --config configs/llama3_8b_8gpu.yaml --gpu-memory 80
@@ -14,8 +14,8 @@ import sys
 
 from mtl_scale.config import DTYPES, QUANTIZATION, RunConfig, load_config
 from mtl_scale.errors import UserError
-from mtl_scale.model_shape import ModelShape, load_model_config, lora_targets, model_shape
-from mtl_scale.planner import GiB, Plan, PlanInputs, adapter_and_frozen_sizes, plan
+from mtl_scale.plan.shape import ModelShape, load_model_config, lora_targets, model_shape
+from mtl_scale.plan.estimate import GiB, Plan, PlanInputs, adapter_and_frozen_sizes, plan
 
 # DeepSpeed's spellings of data_types.grad_accum_dtype and communication_data_type (runtime/config.py)
 DS_DTYPES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32",

@@ -1,0 +1,1 @@
+"""The memory planner: a model's exact shapes (shape), the per-GPU estimate (estimate), the command (cli)."""
