@@ -177,3 +177,23 @@ def test_readme_layout_names_every_module():
     named = set(re.findall(r"(\w+)\.py", layout))
     modules = {p.stem for p in (ROOT / "mtl_scale").rglob("*.py") if p.stem != "__init__"}
     assert modules - named == set(), f"modules missing from README.md's layout: {sorted(modules - named)}"
+
+
+RELATIVE_RELEASE = re.compile(r"\b(?:this|the previous|previous|last|that|the next) release\b|\breleases? ago\b|"
+                              r"\bthe one before( that)?\b", re.I)
+
+
+def test_versions_not_relative_release_labels():
+    """Numbers in the docs name the version that measured them (CHANGELOG.md), and the newest CHANGELOG entry
+    is the package's version: a relative label ("the previous release") goes stale with the next commit."""
+    import tomllib
+
+    import mtl_scale
+
+    stale = [f"{doc.relative_to(ROOT)}:{i}: {line.strip()}" for doc in DOCS
+             for i, line in enumerate(doc.read_text().split("\n"), start=1) if RELATIVE_RELEASE.search(line)]
+    assert not stale, "relative release labels (name the version instead):\n" + "\n".join(stale)
+    assert RELATIVE_RELEASE.search("1.99x two releases ago") and RELATIVE_RELEASE.search("This release's code")
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    newest = re.search(r"^## (\S+) — (\d{4}-\d{2}-\d{2})$", (ROOT / "CHANGELOG.md").read_text(), flags=re.M)
+    assert newest and newest.group(1) == version == mtl_scale.__version__
