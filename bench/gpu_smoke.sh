@@ -37,7 +37,7 @@ EOF
 step evaluate_bf16 python3 launch/evaluate.py --config configs/demo.yaml model.dtype=bf16 output_dir="$OUT/soft_bf16"
 step train_pcgrad_bf16 $DS launch/train.py --config configs/pcgrad.yaml model.dtype=bf16 max_steps=100 \
     eval.every_steps=0 output_dir="$OUT/pcgrad_bf16"
-step surgery_overhead_bf16 $DS bench/surgery_overhead.py --steps 30 --tasks 4 model.dtype=bf16
+step surgery_overhead_bf16 $DS --module bench.surgery_overhead --steps 30 --tasks 4 model.dtype=bf16
 # flash_attention_2 needs the flash-attn package: with it, a short run; without it, the error a user gets.
 FA2="launch/train.py --config configs/demo.yaml model.dtype=bf16 max_steps=5 model.attn_implementation=flash_attention_2
      eval.every_steps=0 eval.max_examples=4 output_dir=$OUT/fa2"

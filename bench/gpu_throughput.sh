@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
-# bench/throughput.py on GPUs with a ~1.5B random-init Llama (hidden 2048, 16 layers, intermediate 8192,
-# 32 heads, 8 KV heads, vocab 128256; built once by bench/memory_check.py's build_model, cached under
+# python -m bench.throughput on GPUs with a ~1.5B random-init Llama (hidden 2048, 16 layers, intermediate 8192,
+# 32 heads, 8 KV heads, vocab 128256; built once by bench.common.build_model, cached under
 # $MTL_SCALE_CACHE), bf16, 4 synthetic tasks of 2048-token examples, micro-batch 4 x 4 accumulation.
 #
 #   bash bench/gpu_throughput.sh [throughput.py flags ...]     # e.g. --once, --rounds 1, --nprocs 8
 #
-# NPROCS (default: every visible GPU) ranks; extra flags go to bench/throughput.py before the overrides.
+# NPROCS (default: every visible GPU) ranks; extra flags go to bench.throughput before the overrides.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROCS=${NPROCS:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
-MODEL=$(PYTHONPATH=bench python3 - <<'EOF'
+MODEL=$(python3 - <<'EOF'
 import argparse
-from memory_check import build_model
+from bench.common import build_model
 print(build_model(argparse.Namespace(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256,
                                      seq_len=2048)))
 EOF
 )
-python3 bench/throughput.py --nprocs "$NPROCS" --data synthetic --synthetic-examples 64 --steps 10 --warmup 3 "$@" \
+python3 -m bench.throughput --nprocs "$NPROCS" --data synthetic --synthetic-examples 64 --steps 10 --warmup 3 "$@" \
     model.path="$MODEL" max_seq_len=2048 micro_batch_size=4

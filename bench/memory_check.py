@@ -1,15 +1,15 @@
 """The memory planner's estimate against the peak memory of real training steps (mtl_scale.trainer.setup
 + mtl_scale.trainer.train_step), per rank.
 
-    deepspeed --num_gpus 2 bench/memory_check.py --hidden 512 --layers 4 --vocab 32000 --batch-sizes 2,4
-    deepspeed --num_gpus 2 bench/memory_check.py --hidden 512 --layers 4 --vocab 32000 sharing=soft --tasks 4
-    deepspeed --num_gpus 1 bench/memory_check.py --hidden 2048 --layers 16 --intermediate 8192 --heads 32 \\
+    deepspeed --num_gpus 2 --module bench.memory_check --hidden 512 --layers 4 --vocab 32000 --batch-sizes 2,4
+    deepspeed --num_gpus 2 --module bench.memory_check --hidden 512 --layers 4 --vocab 32000 sharing=soft --tasks 4
+    deepspeed --num_gpus 1 --module bench.memory_check --hidden 2048 --layers 16 --intermediate 8192 --heads 32 \\
         --kv-heads 8 --vocab 128256 --seq-len 2048 --batch-sizes 1,4 model.dtype=bf16     # a ~1B Llama on a GPU
 
-A random-init Llama of the given size is built once (cached under $MTL_SCALE_CACHE) with the tiny
-default's character-level tokenizer (vocab_size may exceed it: the extra rows are just unused) and
-saved with save_pretrained. Every example is exactly --seq-len tokens (long completions truncated), so
-micro-batches have no padding and s is really s.
+A random-init Llama of the given size is built once (bench.common.build_model, cached under
+$MTL_SCALE_CACHE) with the tiny default's character-level tokenizer (vocab_size may exceed it: the
+extra rows are just unused) and saved with save_pretrained. Every example is exactly --seq-len tokens
+(long completions truncated), so micro-batches have no padding and s is really s.
 
 What is measured, per rank, against a baseline taken just before the model is loaded:
 - CPU: resident memory from /proc/self/status (VmRSS; VmHWM for the peak, reset through
@@ -25,149 +25,24 @@ What is measured, per rank, against a baseline taken just before the model is lo
 """
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import json
-import random
-import string
 import sys
-import weakref
-from pathlib import Path
 
 import torch
 
+from bench.common import (ON_GPU, LiveTensorBytes, build_model, fixed_length_data, libc, memory_now,
+                          peak_since_reset, reset_peak, rss_parts)
 from mtl_scale.plan import cli as plan_cli, estimate as planner, shape as model_shape
 from mtl_scale.cli import run_entry
 from mtl_scale.config import load_config
-from mtl_scale.model import build_tiny_tokenizer, cache_dir, load_model as load_base
+from mtl_scale.model import load_model as load_base
 import mtl_scale.trainer as trainer
 
 MiB = 2 ** 20
-ON_GPU = torch.cuda.is_available()
 STATE_PARTS = ("frozen base parameters", "quantisation state", "LoRA parameters", "LoRA gradients", "optimizer states",
                "gradient reduce bucket")
 STEP_PARTS = ("ZeRO-3 gathered working set", "task gradient shards", "activations", "logits", "backward working memory")
-
-
-# ---------------------------------------------------------------------------------------------
-# Measuring
-
-
-def _libc():
-    return ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
-
-
-def rss_kib(field: str = "VmRSS") -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def memory_now() -> int:
-    """Bytes in use now: CUDA tensors on a GPU, resident memory (after trimming the heap) on CPU."""
-    if ON_GPU:
-        torch.cuda.synchronize()
-        return torch.cuda.memory_allocated()
-    if _libc():
-        _libc().malloc_trim(0)
-    return rss_kib() * 1024
-
-
-def rss_parts() -> dict[str, int] | None:
-    """CPU resident memory by kind (bytes): anonymous (heap, tensors), file-backed (code, mmapped
-    files), shared memory (DeepSpeed's shm all-reduce buffers)."""
-    if ON_GPU:
-        return None
-    return {k: rss_kib(k) * 1024 for k in ("RssAnon", "RssFile", "RssShmem")}
-
-
-def reset_peak() -> None:
-    if ON_GPU:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        memory_now()  # trim first, so that the reset peak starts from what is really in use
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to VmRSS (Linux >= 4.0)
-
-
-def peak_since_reset() -> int:
-    if ON_GPU:
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return rss_kib("VmHWM") * 1024
-
-
-class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Peak bytes of tensor storages created inside the mode and still alive (views and in-place
-    results share an input's storage and are not counted again)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.keys = set()
-
-    def _free(self, key: int, n: int) -> None:
-        self.keys.discard(key)
-        self.live -= n
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        leaves = torch.utils._pytree.tree_leaves
-        inputs = {t.untyped_storage().data_ptr() for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                st = t.untyped_storage()
-                key = st.data_ptr()
-                if key and key not in self.keys and key not in inputs:
-                    self.keys.add(key)
-                    self.live += st.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(st, self._free, key, st.nbytes())
-        return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The model and the data
-
-
-def build_model(args) -> Path:
-    """A random-init Llama of the requested size with the tiny default's tokenizer, saved once."""
-    from filelock import FileLock
-    from transformers import LlamaConfig, LlamaForCausalLM
-    name = (f"memcheck-h{args.hidden}-i{args.intermediate}-l{args.layers}-a{args.heads}-kv{args.kv_heads}"
-            f"-v{args.vocab}")
-    out = cache_dir() / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if not (out / "DONE").exists():
-            tok = build_tiny_tokenizer()
-            config = LlamaConfig(
-                vocab_size=max(args.vocab, len(tok)), hidden_size=args.hidden, intermediate_size=args.intermediate,
-                num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                max_position_embeddings=max(4096, args.seq_len), tie_word_embeddings=False,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            torch.manual_seed(0)
-            model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)  # bf16 on disk; loaded in model.dtype
-            model.save_pretrained(out)
-            tok.save_pretrained(out)
-            (out / "DONE").write_text("random init, for bench/memory_check.py\n")
-    return out
-
-
-def fixed_length_data(seq_len: int) -> Path:
-    """Examples of exactly seq_len tokens: a 1-character prompt and a completion longer than that,
-    truncated (the tokenizer is one token per character)."""
-    path = cache_dir() / f"memcheck-data-s{seq_len}.jsonl"
-    if not path.exists():
-        rng = random.Random(0)
-        rows = [{"prompt": "x", "completion": "".join(rng.choices(string.ascii_lowercase, k=seq_len + 8))}
-                for _ in range(64)]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.rename(path)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def main():
@@ -191,8 +66,8 @@ def main():
     args.heads = args.heads or max(1, args.hidden // 64)
     args.kv_heads = args.kv_heads or max(1, args.heads // 4)
     args.intermediate = args.intermediate or -(-8 * args.hidden // 3 // 64) * 64
-    if not ON_GPU and _libc():
-        _libc().mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: big blocks are mmapped and returned when freed
+    if not ON_GPU and libc():
+        libc().mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: big blocks are mmapped and returned when freed
 
     model_dir, data = build_model(args), fixed_length_data(args.seq_len)
     tasks = ", ".join(f"{{name: t{i}, source: '{data}', num_examples: 56, eval_size: 0}}" for i in range(args.tasks))

@@ -3,7 +3,7 @@ mixed batch, then K backward passes (retain_graph) to get each task's *full* gra
 explicit vectors, optimizer step — against plain summation (one backward) on the same batch. Single
 process, the same tiny model and LoRA. Measured in one run (ABBA blocks).
 
-    python bench/naive_pcgrad.py [--steps 30] [--tasks 4]
+    python -m bench.naive_pcgrad [--steps 30] [--tasks 4]
 
 (Under ZeRO-3 this route is not even available: several backward passes over one forward break
 DeepSpeed's gradient hooks — DeepSpeed issue #7352 — and each rank would need full gradients.)

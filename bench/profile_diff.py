@@ -1,7 +1,7 @@
-"""Where does run B spend time that run A does not? Two cProfile files (bench/throughput.py --profile),
+"""Where does run B spend time that run A does not? Two cProfile files (python -m bench.throughput --profile),
 the functions whose own time (tottime) or time with callees (cumtime) grew most from A to B, per B step.
 
-    python bench/profile_diff.py runs/prof/ours-hard-0.prof runs/prof/ours-soft-0.prof --steps 35 [--top 30]
+    python -m bench.profile_diff runs/prof/ours-hard-0.prof runs/prof/ours-soft-0.prof --steps 35 [--top 30]
 """
 import argparse
 import pstats

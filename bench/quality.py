@@ -1,10 +1,10 @@
 """The multi-task quality suite: every training variant on a suite built to show imbalance and conflict,
 over several seeds, scored by per-task exact match on held-out examples.
 
-    python bench/quality.py                                  # all variants, seeds 0 1 2
-    python bench/quality.py --variants soft soft-merged --seeds 0
-    python bench/quality.py --table-only                     # rebuild the tables from finished runs
-    python bench/quality.py --variants hard-sum-temp adaptive-progress adaptive-gap hard-dwa-temp   # adaptive
+    python -m bench.quality                                  # all variants, seeds 0 1 2
+    python -m bench.quality --variants soft soft-merged --seeds 0
+    python -m bench.quality --table-only                     # rebuild the tables from finished runs
+    python -m bench.quality --variants hard-sum-temp adaptive-progress adaptive-gap hard-dwa-temp   # adaptive
 
 Each (variant, seed) is a real run of the product, ``deepspeed --num_gpus 2 launch/train.py --config
 bench/configs/quality.yaml seed=S <the variant's overrides>``, under runs/quality/<variant>/seed<S>/;

@@ -2,7 +2,7 @@
 the real trainer, measured in one run: the same process alternates sum and pcgrad steps in ABBA
 blocks so that machine noise hits both alike.
 
-    deepspeed --num_gpus 2 bench/surgery_overhead.py [--steps 40] [--tasks 4] [--method pcgrad] [key=value ...]
+    deepspeed --num_gpus 2 --module bench.surgery_overhead [--steps 40] [--tasks 4] [--method pcgrad] [key=value ...]
 
 Prints per-method median step time and the ratio. GPU-ready: pass model.dtype=bf16 on CUDA.
 """

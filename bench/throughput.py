@@ -8,8 +8,8 @@ sequence length, under the same DeepSpeed ZeRO-3 config:
 4. with ``--variants ours-soft,ours-adaptive``: the adaptive controller's overhead (adaptive sampling with
    an update every step, the worst case, plus DWA loss weights) against plain soft sharing, in step time.
 
-    python bench/throughput.py --rounds 2 --steps 30 [--surgery] [--nprocs 2] [key=value ...]
-    python bench/throughput.py --nprocs 1 --data synthetic model.path=/ckpt/llama-8b \\
+    python -m bench.throughput --rounds 2 --steps 30 [--surgery] [--nprocs 2] [key=value ...]
+    python -m bench.throughput --nprocs 1 --data synthetic model.path=/ckpt/llama-8b \\
         max_seq_len=2048 micro_batch_size=4 model.gradient_checkpointing=true      # one GPU
 
 Two DeepSpeed engines in one process are fragile, so every measurement is its own launch of
@@ -19,34 +19,23 @@ variant alike; the ratios are of per-variant medians over the launches.
 
 On CUDA the runs use bf16 (unless ``model.dtype`` is overridden) and the summary prints MFU:
 achieved model FLOP/s over the GPU's peak dense bf16 FLOP/s (``flops_per_token`` gives the
-convention; ``--peak-tflops`` or $MTL_SCALE_PEAK_TFLOPS overrides the table).
+convention, in bench/common.py; ``--peak-tflops`` or $MTL_SCALE_PEAK_TFLOPS overrides the table).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import random
 import re
 import shutil
 import statistics
 import tempfile
 from pathlib import Path
 
+from bench.common import RESULT_TAG, mfu, peak_tflops, write_synthetic_tasks
 from mtl_scale.process_group import deepspeed_command, run_group
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULT_TAG = "THROUGHPUT_RESULT"
-
-# Peak dense (no sparsity) bf16 tensor-core TFLOP/s per GPU, from the vendors' spec sheets, matched
-# as substrings of torch.cuda.get_device_name(); the first match wins, so specific names go first.
-PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),    # SXM ("NVIDIA H100 80GB HBM3")
-    ("H200", 989.0),
-    ("A100", 312.0),
-)
 
 # variant -> (worker stack, run-config overrides)
 VARIANTS = {
@@ -68,49 +57,10 @@ BASE_OVERRIDES = ["micro_batch_size=16", "max_seq_len=64", "sampling.tasks_per_s
 # Pure pieces (unit-tested in tests/test_throughput_bench.py)
 
 
-def flops_per_token(n_frozen: int, n_trainable: int, n_layers: int, hidden: int, seq: float) -> float:
-    """Model FLOPs of one LoRA training token (forward + backward), the convention MFU is quoted in.
-
-    - frozen weights: 2·N forward + 2·N backward (gradient w.r.t. activations only; a frozen weight
-      gets no weight gradient);
-    - trainable (LoRA) weights: 2·N forward + 4·N backward (activation and weight gradients);
-    - attention scores and mixing (QKᵀ and AV): 4·hidden·seq per layer forward, twice that backward,
-      counted over the full ``seq`` as in PaLM's MFU (the causal mask's skipped half counts too).
-    N excludes the input embedding table (a lookup, no matmul); recomputation from gradient
-    checkpointing is not counted (it is not useful work).
-    """
-    return 4 * n_frozen + 6 * n_trainable + 12 * n_layers * hidden * seq
-
-
-def peak_tflops(device_name: str, override: float | None = None) -> float | None:
-    """Peak dense bf16 TFLOP/s of one GPU: ``override`` if given, else the table, else None."""
-    if override:
-        return float(override)
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key.lower() in device_name.lower():
-            return tflops
-    return None
-
-
-def mfu(tokens_per_s: float, flops_per_tok: float, peak: float, n_devices: int) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the devices' summed peak."""
-    return tokens_per_s * flops_per_tok / (peak * 1e12 * n_devices)
-
-
 def abba_order(variants: list[str], rounds: int) -> list[str]:
     """Each round runs the variants forward then backward (A B C C B A): every variant's launches
     sit at the same mean position, so linear drift of the machine cancels out of the ratios."""
     return (list(variants) + list(reversed(variants))) * rounds
-
-
-def window(marks: list[tuple[float, int, int]], warmup: int) -> dict:
-    """Timed window of a run from its step-end marks (time, cumulative tokens, cumulative sequences):
-    the steps after the first ``warmup``, i.e. from the end of step ``warmup`` to the last step's end."""
-    if not 1 <= warmup < len(marks):
-        raise ValueError(f"need 1 <= warmup < steps, got warmup={warmup} with {len(marks)} steps")
-    start, end = marks[warmup - 1], marks[-1]
-    return {"step_times": [b[0] - a[0] for a, b in zip(marks[warmup - 1:], marks[warmup:])],
-            "elapsed": end[0] - start[0], "tokens": end[1] - start[1], "sequences": end[2] - start[2]}
 
 
 def variant_medians(results: list[dict]) -> dict[str, dict]:
@@ -134,40 +84,14 @@ def parse_result(output: str) -> dict:
     return json.loads(m.group(1))
 
 
-def write_synthetic_tasks(tokenizer, out_dir: Path, n_tasks: int, n_examples: int, seq_len: int,
-                          seed: int = 0) -> list[str]:
-    """Fixed-length tasks for long-sequence benchmarks: random lowercase words, a prompt of about
-    seq_len/2 tokens and a completion long enough that ``truncation=truncate`` cuts every example
-    to exactly ``seq_len`` tokens. Returns the task overrides; both stacks tokenise these files with
-    mtl_scale's own pipeline, so they train on identical token ids."""
-    rng = random.Random(seed)
-
-    def words(n: int) -> str:
-        return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8)))
-                        for _ in range(n))
-
-    sample = words(400)
-    tokens_per_word = len(tokenizer(sample, add_special_tokens=False, verbose=False)["input_ids"]) / 400
-    prompt_words = max(1, round(seq_len / 2 / tokens_per_word))
-    completion_words = math.ceil(seq_len / tokens_per_word * 1.5) + 8  # margin: word lengths vary
-    tasks = []
-    for t in range(n_tasks):
-        path = out_dir / f"synthetic{t}.jsonl"
-        with path.open("w") as f:
-            for _ in range(n_examples):
-                f.write(json.dumps({"prompt": words(prompt_words), "completion": " " + words(completion_words)}) + "\n")
-        tasks.append(f"{{name: synthetic{t}, source: '{path}', eval_size: 0}}")
-    return [f"tasks=[{', '.join(tasks)}]", "truncation=truncate"]
-
-
 # ---------------------------------------------------------------------------------------------
 # Launching
 
 
-def launch(script: str, args: list[str], nprocs: int, timeout: float, env: dict) -> str:
-    """``deepspeed --num_gpus nprocs script args``, killed afterwards whatever happened; the output, or
-    an error carrying its tail."""
-    cmd = deepspeed_command(nprocs, script, args)
+def launch(module: str, args: list[str], nprocs: int, timeout: float, env: dict) -> str:
+    """``deepspeed --num_gpus nprocs --module module args`` from the repository root, killed afterwards
+    whatever happened; the output, or an error carrying its tail."""
+    cmd = deepspeed_command(nprocs, module, args, module=True)
     res = run_group(cmd, timeout, env, cwd=ROOT)
     if res.returncode != 0:
         raise RuntimeError(f"exit {res.returncode}: {' '.join(cmd)}\n--- output ---\n{res.stdout[-20000:]}")
@@ -176,15 +100,15 @@ def launch(script: str, args: list[str], nprocs: int, timeout: float, env: dict)
 
 def measure_surgery(ks: list[int], steps: int, nprocs: int, timeout: float, env: dict,
                     overrides: list[str]) -> dict[int, dict]:
-    """bench/surgery_overhead.py (sum and pcgrad alternating ABBA inside one run) for each K."""
+    """bench.surgery_overhead (sum and pcgrad alternating ABBA inside one run) for each K."""
     out = {}
     for k in ks:
-        text = launch("bench/surgery_overhead.py", ["--steps", str(steps), "--tasks", str(k), *overrides],
+        text = launch("bench.surgery_overhead", ["--steps", str(steps), "--tasks", str(k), *overrides],
                       nprocs, timeout, env)
         ms = dict(re.findall(r"median step time (\w+): ([\d.]+) ms", text))
         ratio = re.search(r"RATIO pcgrad/sum = ([\d.]+)", text)
         if ratio is None or not {"sum", "pcgrad"} <= set(ms):
-            raise RuntimeError(f"bench/surgery_overhead.py --tasks {k}: no result in its output\n{text[-5000:]}")
+            raise RuntimeError(f"bench.surgery_overhead --tasks {k}: no result in its output\n{text[-5000:]}")
         out[k] = {"sum_ms": float(ms["sum"]), "pcgrad_ms": float(ms["pcgrad"]), "ratio": float(ratio.group(1))}
         print(f"surgery K={k}: sum {ms['sum']} ms, pcgrad {ms['pcgrad']} ms, pcgrad/sum {out[k]['ratio']:.3f}",
               flush=True)
@@ -214,7 +138,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per launch")
     parser.add_argument("--json", help="also write every launch's result, the medians and the ratios here")
     parser.add_argument("--profile", metavar="DIR", help="cProfile rank 0 of every launch into DIR/<stack>-<sharing>-"
-                        "<n>.prof (compare two with bench/profile_diff.py); the timings then include the profiler's")
+                        "<n>.prof (compare two with python -m bench.profile_diff); the timings then include "
+                        "the profiler's")
     parser.add_argument("overrides", nargs="*", help="run-config key=value for both stacks (model.path=...)")
     args = parser.parse_args()
     variants = args.variants.split(",")
@@ -252,7 +177,7 @@ def main() -> None:
             stack, extra = VARIANTS[variant]
             worker_args = ["--stack", stack, "--warmup", str(args.warmup),
                            *overrides, *extra, f"max_steps={args.warmup + args.steps}"]
-            r = parse_result(launch("bench/throughput_worker.py", worker_args, args.nprocs, args.timeout, env))
+            r = parse_result(launch("bench.throughput_worker", worker_args, args.nprocs, args.timeout, env))
             r["variant"] = variant
             results.append(r)
             print(f"[{i + 1}/{len(order)}] {variant:9s} median step {1000 * r['step_time_s']:7.1f} ms  "

@@ -1,9 +1,9 @@
 """One throughput measurement on the ranks the launcher started: mtl_scale's product path (``--stack
 ours``) or the usual Hugging Face stack (``--stack hf``), for ``max_steps`` optimizer steps of which
 the first ``--warmup`` are not timed. Rank 0 prints one ``THROUGHPUT_RESULT {json}`` line.
-Started by bench/throughput.py, which compares the stacks; by hand:
+Started by bench/throughput.py, which compares the stacks; by hand, from the repository root:
 
-    deepspeed --num_gpus 2 bench/throughput_worker.py --stack hf --warmup 5 max_steps=35 [key=value ...]
+    deepspeed --num_gpus 2 --module bench.throughput_worker --stack hf --warmup 5 max_steps=35 [key=value ...]
 
 Both stacks get the same run config (configs/demo.yaml + overrides), hence the same model, LoRA,
 token ids and DeepSpeed dict (``mtl_scale.ds_config.build_ds_config``). A step is timed from one
@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from throughput import RESULT_TAG, flops_per_token, window  # a sibling script: bench/ is sys.path[0] when run
-
+from bench.common import RESULT_TAG, flops_per_token, window
 from mtl_scale import adapters
 from mtl_scale.cli import run_entry
 from mtl_scale.config import RunConfig, load_config
@@ -199,7 +198,7 @@ def main() -> None:
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs/demo.yaml", args.overrides)
     clock = StepClock()
     measure = measure_ours if args.stack == "ours" else measure_hf
-    profile_dir = os.environ.get("MTL_SCALE_PROFILE")  # bench/throughput.py --profile DIR
+    profile_dir = os.environ.get("MTL_SCALE_PROFILE")  # python -m bench.throughput --profile DIR
     if profile_dir and int(os.environ.get("RANK", "0")) == 0:
         import cProfile
         Path(profile_dir).mkdir(parents=True, exist_ok=True)

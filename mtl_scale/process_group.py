@@ -28,12 +28,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_command(nprocs: int, script: str, args: list[str]) -> list[str]:
+def deepspeed_command(nprocs: int, script: str, args: list[str], module: bool = False) -> list[str]:
     """``deepspeed --num_gpus nprocs --master_port <free> script args``, the launcher run as this
     interpreter's module: works wherever deepspeed is importable (a venv, or a --target install
-    without its scripts on PATH)."""
+    without its scripts on PATH). ``module=True``: ``script`` is a module name, each rank runs
+    ``python -m script`` (the launcher's ``--module``), importable from the working directory."""
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs), "--master_port",
-            str(free_port()), script, *args]
+            str(free_port()), *(["--module"] if module else []), script, *args]
 
 
 def run_group(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path | str | None = None,

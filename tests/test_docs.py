@@ -1,6 +1,8 @@
 """Docs kept honest by tests: every ``launch/`` and ``bench/`` command in README.md and docs/*.md parses
 with its entry point's own argument parser, and every dotted ``key=value`` they show names a key of the
-config schema. Renaming a flag or a key without updating the docs fails here."""
+config schema. Renaming a flag or a key without updating the docs fails here. The bench scripts are
+modules of the ``bench`` package (``python -m bench.x``, ``deepspeed ... --module bench.x``): a doc
+that runs one by its path fails too."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +12,7 @@ import runpy
 import shlex
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,8 @@ from mtl_scale.config import RunConfig
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SCRIPT = re.compile(r"^(?:\./)?((?:launch|bench)/[\w/]+\.(?:py|sh))$")
+MODULE = re.compile(r"bench\.(\w+)")  # after python's -m or the DeepSpeed launcher's --module
+MODULE_FLAGS = ("-m", "--module")
 KEY_VALUE = re.compile(r"(?<![\w.=-])([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*)=(?!=)")
 # key=value text in the docs that is not a run-config key: named here, with what it is
 NOT_CONFIG = {
@@ -54,8 +59,10 @@ def _variables(text: str) -> dict[str, str]:
     return {k: v for k, v in re.findall(r'^([A-Z_]+)="([^"]*)"', text, flags=re.M)}
 
 
-def documented_commands() -> list[tuple[str, str, list[str]]]:
-    """(where, script, args) for every command that runs a launch/ or bench/ script."""
+def documented_commands() -> list[tuple[str, str, str, list[str]]]:
+    """(where, script, how, args) for every command that runs a launch/ or bench/ script: ``how`` is
+    "path" (``python launch/train.py``, ``bash bench/gpu_smoke.sh``) or the flag that ran it as a module
+    of the bench package ("-m" or "--module"; ``script`` is then the module's file, bench/x.py)."""
     out = []
     for doc in DOCS:
         text = doc.read_text()
@@ -66,10 +73,15 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
                 tokens = shlex.split(snippet)
             except ValueError:
                 continue
+            where = f"{doc.relative_to(ROOT)}:{line}"
             for j, token in enumerate(tokens[1:], start=1):  # run by python, deepspeed or bash: a command,
                 match = SCRIPT.match(token)                  # not a file named in prose
+                module = MODULE.fullmatch(tokens[j + 1]) if token in MODULE_FLAGS and j + 1 < len(tokens) else None
                 if match:
-                    out.append((f"{doc.relative_to(ROOT)}:{line}", match.group(1), tokens[j + 1:]))
+                    out.append((where, match.group(1), "path", tokens[j + 1:]))
+                    break
+                if module:
+                    out.append((where, f"bench/{module.group(1)}.py", token, tokens[j + 2:]))
                     break
     return out
 
@@ -107,8 +119,9 @@ class _Parsed(Exception):
     """Raised by the patched parse_args: the entry point parsed its arguments; stop before it runs."""
 
 
-def parse_with_entry_point(script: str, args: list[str], monkeypatch) -> argparse.Namespace:
-    """Run ``script``'s own main() with ``args`` until its argument parser has parsed them."""
+def parse_with_entry_point(script: str, args: list[str], monkeypatch, module: bool = False) -> argparse.Namespace:
+    """Run ``script``'s own main() with ``args`` until its argument parser has parsed them: by its path, or
+    (``module``) as its module, the way ``python -m`` runs it."""
     for name in ("parse_args", "parse_intermixed_args"):
         parse = getattr(argparse.ArgumentParser, name)
 
@@ -118,7 +131,12 @@ def parse_with_entry_point(script: str, args: list[str], monkeypatch) -> argpars
         monkeypatch.setattr(argparse.ArgumentParser, name, parse_and_stop)
     monkeypatch.setattr(sys, "argv", [str(ROOT / script), *args])
     try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
+        if module:
+            with warnings.catch_warnings():  # imported already by another test: harmless, the run has its own globals
+                warnings.filterwarnings("ignore", r"'bench\.\w+' found in sys.modules", RuntimeWarning)
+                runpy.run_module(script.removesuffix(".py").replace("/", "."), run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
     except _Parsed as parsed:
         return parsed.args[0]
     raise AssertionError(f"{script} finished without parsing its arguments with argparse")
@@ -128,18 +146,23 @@ COMMANDS = documented_commands()
 
 
 def test_docs_show_commands_and_keys():
-    scripts = {script for _, script, _ in COMMANDS}
+    scripts = {script for _, script, _, _ in COMMANDS}
     assert {"launch/train.py", "launch/evaluate.py", "launch/merge.py", "launch/plan.py"} <= scripts
+    hows = {how for _, script, how, _ in COMMANDS if script.startswith("bench/")}
+    assert {"-m", "--module"} <= hows  # python -m bench.x and deepspeed ... --module bench.x are both checked
     assert len(documented_keys()) >= 10
 
 
-@pytest.mark.parametrize("where,script,args", COMMANDS, ids=[f"{w} {s}" for w, s, _ in COMMANDS])
-def test_documented_command_parses(where, script, args, monkeypatch, capsys):
+@pytest.mark.parametrize("where,script,how,args", COMMANDS, ids=[f"{w} {s}" for w, s, _, _ in COMMANDS])
+def test_documented_command_parses(where, script, how, args, monkeypatch, capsys):
     assert (ROOT / script).is_file(), f"{where}: {script} does not exist"
     if script.endswith(".sh"):
         return  # shell wrappers: their python commands are documented and checked on their own
+    if script.startswith("bench/") and how == "path":
+        pytest.fail(f"{where}: {script} is a module of the bench package: run it from the checkout as "
+                    f"`python -m {script[:-3].replace('/', '.')}` (under DeepSpeed: `--module ...`), not by its path")
     try:
-        parse_with_entry_point(script, args, monkeypatch)
+        parse_with_entry_point(script, args, monkeypatch, module=how != "path")
     except SystemExit as e:
         pytest.fail(f"{where}: `{script} {' '.join(args)}` is refused by its parser (exit {e.code}):\n"
                     f"{capsys.readouterr().err}")
@@ -157,6 +180,9 @@ def test_the_checks_catch_a_rename(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse_with_entry_point("launch/merge.py", ["runs/demo", "--methods", "ties"], monkeypatch)
     assert "--methods" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a bench module, run as python -m runs it
+        parse_with_entry_point("bench/throughput.py", ["--rounds", "2", "--warm-up", "5"], monkeypatch, module=True)
+    assert "--warm-up" in capsys.readouterr().err
 
 
 def test_memory_md_shows_what_the_planner_prints(capsys):

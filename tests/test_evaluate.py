@@ -172,9 +172,9 @@ def test_unknown_logit_change_falls_back_to_full_logits(tiny_tokenizer, caplog):
 
 
 def test_chunked_eval_peak_memory_is_far_below_full_logits(tiny_tokenizer):
-    """Peak bytes of live tensors created by the eval loss (bench/memory_check.py's counter) at a
+    """Peak bytes of live tensors created by the eval loss (bench/common.py's counter) at a
     scaled-down size: 8 x 160 tokens, 32k vocab (full fp32 logits: 8 x 159 x 32000 x 4 B = 163 MB)."""
-    from memory_check import LiveTensorBytes
+    from bench.common import LiveTensorBytes
 
     model = _random_lm(tiny_tokenizer, vocab=32000)
     rows = [{"prompt": "x", "completion": "abcdefghijklmnopqrstuvwxyz" * 7} for _ in range(8)]

@@ -402,7 +402,7 @@ def test_quantized_base_bytes_equal_bitsandbytes(tiny_model_dir):
 def test_surgery_bytes_are_what_apply_surgery_holds():
     """planner.SURGERY_BYTES, measured: the peak of live tensors in apply_surgery (PCGrad, K = 4), plus the
     caller's K running sums it is given, per shard element and task."""
-    from memory_check import LiveTensorBytes
+    from bench.common import LiveTensorBytes
     k, n = 4, 250_000
     running = [torch.randn(n) for _ in range(k)]
     with LiveTensorBytes() as live:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from bench import quality
+
 ROOT = Path(__file__).resolve().parent.parent
-import quality  # bench/ is on pytest's pythonpath (pyproject.toml)
 
 
 def test_summary_is_mean_and_sample_std_over_seeds():
@@ -63,7 +64,7 @@ def test_a_tiny_suite_reports_what_its_runs_measured(tmp_path, tiny_model_dir):
     import subprocess
     tasks = ("tasks=[{name: copy, source: 'builtin:copy', num_examples: 40, eval_size: 4}, "
              "{name: reverse, source: 'builtin:reverse', num_examples: 40, eval_size: 4}]")
-    cmd = [sys.executable, "bench/quality.py", "--variants", "single", "soft", "soft-merged", "--seeds", "0",
+    cmd = [sys.executable, "-m", "bench.quality", "--variants", "single", "soft", "soft-merged", "--seeds", "0",
            "--out", str(tmp_path), "--timeout", "300", "--set", tasks, "max_steps=2", "micro_batch_size=4",
            "sampling.tasks_per_step=2", "eval.max_examples=4"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -96,7 +97,7 @@ def test_adaptive_variants_run_and_gap_reads_the_single_runs(tmp_path, tiny_mode
     import subprocess
     tasks = ("tasks=[{name: copy, source: 'builtin:copy', num_examples: 40, eval_size: 4}, "
              "{name: reverse, source: 'builtin:reverse', num_examples: 40, eval_size: 4}]")
-    cmd = [sys.executable, "bench/quality.py", "--variants", "adaptive-gap", "hard-dwa-temp", "--seeds", "0",
+    cmd = [sys.executable, "-m", "bench.quality", "--variants", "adaptive-gap", "hard-dwa-temp", "--seeds", "0",
            "--out", str(tmp_path), "--timeout", "300", "--set", tasks, "max_steps=3", "micro_batch_size=4",
            "sampling.tasks_per_step=2", "eval.max_examples=4", "eval.max_new_tokens=2",
            "sampling.adaptive.every_steps=1"]

@@ -1,5 +1,6 @@
-"""bench/throughput.py: its arithmetic against hand-computed values, the synthetic fixed-length data,
-and one end-to-end run of the driver (both stacks on 2 real ZeRO-3 CPU ranks)."""
+"""bench/throughput.py and the arithmetic it shares with its worker (bench/common.py): against
+hand-computed values, the synthetic fixed-length data, and one end-to-end run of the driver (both
+stacks on 2 real ZeRO-3 CPU ranks)."""
 import json
 import re
 import statistics
@@ -7,33 +8,32 @@ import sys
 
 import pytest
 
+from bench import common, throughput as tp
 from dist import ROOT, _run
-
-import throughput as tp  # bench/ is on pytest's pythonpath (pyproject.toml)
 
 
 def test_flops_per_token_by_hand():
     # 4·1000 (frozen: forward + activation gradients) + 6·10 (LoRA) + 12·2 layers·8 hidden·4 seq
-    assert tp.flops_per_token(n_frozen=1000, n_trainable=10, n_layers=2, hidden=8, seq=4) == 4000 + 60 + 768
+    assert common.flops_per_token(n_frozen=1000, n_trainable=10, n_layers=2, hidden=8, seq=4) == 4000 + 60 + 768
     # a 7B-class base, LoRA negligible, 32 layers, hidden 4096, 2048 tokens: 2.8e10 + 3.221225472e9
-    assert tp.flops_per_token(7e9, 0, 32, 4096, 2048) == pytest.approx(3.1221225472e10, rel=1e-12)
+    assert common.flops_per_token(7e9, 0, 32, 4096, 2048) == pytest.approx(3.1221225472e10, rel=1e-12)
 
 
 def test_peak_tflops_by_device_name():
-    assert tp.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
-    assert tp.peak_tflops("NVIDIA H100 PCIe") == 756.0  # the specific name wins over "H100"
-    assert tp.peak_tflops("NVIDIA H200") == 989.0
-    assert tp.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert tp.peak_tflops("NVIDIA GeForce RTX 4090") is None
-    assert tp.peak_tflops("NVIDIA GeForce RTX 4090", override=165.0) == 165.0
-    assert tp.peak_tflops("NVIDIA H100 80GB HBM3", override=500.0) == 500.0
+    assert common.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert common.peak_tflops("NVIDIA H100 PCIe") == 756.0  # the specific name wins over "H100"
+    assert common.peak_tflops("NVIDIA H200") == 989.0
+    assert common.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert common.peak_tflops("NVIDIA GeForce RTX 4090") is None
+    assert common.peak_tflops("NVIDIA GeForce RTX 4090", override=165.0) == 165.0
+    assert common.peak_tflops("NVIDIA H100 80GB HBM3", override=500.0) == 500.0
 
 
 def test_mfu_by_hand():
     # 1000 tokens/s · 1e9 FLOPs/token = 1e12 FLOP/s on 2 devices of 1 TFLOP/s peak: 50%
-    assert tp.mfu(1000.0, 1e9, peak=1.0, n_devices=2) == pytest.approx(0.5)
+    assert common.mfu(1000.0, 1e9, peak=1.0, n_devices=2) == pytest.approx(0.5)
     # 8B-class model at 4000 tokens/s on one H100: 4000 · 4.8e10 / 989e12
-    assert tp.mfu(4000.0, 4.8e10, 989.0, 1) == pytest.approx(0.19413549, rel=1e-6)
+    assert common.mfu(4000.0, 4.8e10, 989.0, 1) == pytest.approx(0.19413549, rel=1e-6)
 
 
 def test_abba_order_balances_positions():
@@ -47,13 +47,13 @@ def test_abba_order_balances_positions():
 def test_window_skips_warmup_steps():
     # step ends at t = 1, 3, 6, 10 s with 10, 30, 60, 100 tokens and 1, 3, 6, 10 sequences so far
     marks = [(1.0, 10, 1), (3.0, 30, 3), (6.0, 60, 6), (10.0, 100, 10)]
-    w = tp.window(marks, warmup=1)
+    w = common.window(marks, warmup=1)
     assert w == {"step_times": [2.0, 3.0, 4.0], "elapsed": 9.0, "tokens": 90, "sequences": 9}
-    assert tp.window(marks, warmup=3) == {"step_times": [4.0], "elapsed": 4.0, "tokens": 40, "sequences": 4}
+    assert common.window(marks, warmup=3) == {"step_times": [4.0], "elapsed": 4.0, "tokens": 40, "sequences": 4}
     with pytest.raises(ValueError, match="warmup"):
-        tp.window(marks, warmup=0)  # no step end to start the clock from
+        common.window(marks, warmup=0)  # no step end to start the clock from
     with pytest.raises(ValueError, match="warmup"):
-        tp.window(marks, warmup=4)
+        common.window(marks, warmup=4)
 
 
 def test_variant_medians_and_ratios_by_hand():
@@ -91,7 +91,7 @@ def test_synthetic_tasks_are_exactly_max_seq_len_tokens(tmp_path, tiny_tokenizer
     from mtl_scale.config import load_config
     from mtl_scale.data.prepare import prepare_tasks
 
-    overrides = tp.write_synthetic_tasks(tiny_tokenizer, tmp_path, n_tasks=2, n_examples=20, seq_len=48)
+    overrides = common.write_synthetic_tasks(tiny_tokenizer, tmp_path, n_tasks=2, n_examples=20, seq_len=48)
     cfg = load_config(ROOT / "configs/demo.yaml", ["max_seq_len=48", *overrides])
     tasks = prepare_tasks(cfg, tiny_tokenizer)
     assert list(tasks) == ["synthetic0", "synthetic1"]
@@ -105,7 +105,7 @@ def test_synthetic_tasks_are_exactly_max_seq_len_tokens(tmp_path, tiny_tokenizer
 @pytest.mark.dist
 def test_driver_end_to_end_both_stacks_on_zero3(tmp_path):
     out = tmp_path / "summary.json"
-    res = _run([sys.executable, "bench/throughput.py", "--once", "--warmup", "1", "--steps", "2",
+    res = _run([sys.executable, "-m", "bench.throughput", "--once", "--warmup", "1", "--steps", "2",
                 "--json", str(out), "--profile", str(tmp_path / "prof")], timeout=240, env=None)
     assert res.returncode == 0, res.stdout[-20000:]
     printed = {name: float(value) for name, value in re.findall(r"^RATIO (.+?) = ([\d.]+)", res.stdout, re.MULTILINE)}
@@ -126,11 +126,12 @@ def test_driver_end_to_end_both_stacks_on_zero3(tmp_path):
     # the same DeepSpeed dict: "auto" persistence threshold = the largest LoRA matrix (down_proj's lora_A, r x 384)
     assert ours["persistence_threshold"] == hf["persistence_threshold"] == soft["persistence_threshold"] == 16 * 384
 
-    # --profile: rank 0's timed steps of every launch, and bench/profile_diff.py on two of them
+    # --profile: rank 0's timed steps of every launch, and bench.profile_diff on two of them
     profiles = sorted(p.name for p in (tmp_path / "prof").iterdir())
     assert profiles == ["hf-hard-0.prof", "ours-hard-0.prof", "ours-soft-0.prof"]
-    diff = _run([sys.executable, "bench/profile_diff.py", str(tmp_path / "prof" / "hf-hard-0.prof"),
-                 str(tmp_path / "prof" / "ours-hard-0.prof"), "--steps", "1", "--top", "400"], timeout=60, env=None)
+    prof = tmp_path / "prof"
+    diff = _run([sys.executable, "-m", "bench.profile_diff", str(prof / "hf-hard-0.prof"),
+                 str(prof / "ours-hard-0.prof"), "--steps", "1", "--top", "400"], timeout=60, env=None)
     assert diff.returncode == 0, diff.stdout
     # mtl_scale's step runs only in the second profile: its calls go from 0 to one per timed step (2)
     assert re.search(r"\s0 ->\s+2\s+/\S*mtl_scale/engine.py:\d+ optimizer_step$", diff.stdout, re.MULTILINE), diff.stdout
