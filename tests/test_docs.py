@@ -35,15 +35,17 @@ NOT_CONFIG = {
 
 
 def _snippets(text: str) -> list[tuple[int, str]]:
-    """(line, text) of every fenced code line (continuations joined) and every inline code span."""
+    """(line, text) of every code line, fenced or indented by 4 spaces (continuations joined), and every inline
+    code span."""
     out = []
     lines = text.split("\n")
     fenced, i = False, 0
     while i < len(lines):
         line, start = lines[i], i + 1
+        indented = line.startswith("    ") and re.match(r"\s*(python|deepspeed|bash|mtl-)", line)
         if line.lstrip().startswith("```"):
             fenced = not fenced
-        elif fenced:
+        elif fenced or indented:
             while line.endswith("\\") and i + 1 < len(lines):
                 i += 1
                 line = line[:-1] + " " + lines[i]
