@@ -4,6 +4,7 @@ over several seeds, scored by per-task exact match on held-out examples.
     python bench/quality.py                                  # all variants, seeds 0 1 2
     python bench/quality.py --variants soft soft-merged --seeds 0
     python bench/quality.py --table-only                     # rebuild the tables from finished runs
+    python bench/quality.py --config bench/configs/transfer.yaml --variants single --seeds 0 --out runs/transfer/v3
 
 Each (variant, seed) is a real run of the product, ``deepspeed --num_gpus 2 launch/train.py --config
 bench/configs/quality.yaml seed=S <the variant's overrides>``, under runs/quality/<variant>/seed<S>/;
@@ -46,14 +47,14 @@ VARIANTS = {
 ALL_VARIANTS = ["single", *VARIANTS, "soft-merged"]
 
 
-def train(out: Path, overrides: list[str], nprocs: int, timeout: float) -> float:
+def train(out: Path, overrides: list[str], nprocs: int, timeout: float, config: Path = BASE_CONFIG) -> float:
     """One training run (reused if it finished before); returns its wall time in seconds."""
     wall = out / "wall_s.txt"
     if (out / "train_summary.json").is_file() and wall.is_file():
         return float(wall.read_text())
     shutil.rmtree(out, ignore_errors=True)  # a run that died half-way leaves nothing to mix in
     out.mkdir(parents=True)
-    cmd = deepspeed_command(nprocs, "launch/train.py", ["--config", str(BASE_CONFIG), *overrides, f"output_dir={out}"])
+    cmd = deepspeed_command(nprocs, "launch/train.py", ["--config", str(config), *overrides, f"output_dir={out}"])
     print(f"  $ {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     with open(out / "train.log", "w") as log:
@@ -174,9 +175,9 @@ def pooled_telemetry(runs: list[dict]) -> dict:
 
 
 def run_suite(out_root: Path, variants: list[str], seeds: list[int], extra: list[str], nprocs: int,
-              timeout: float, table_only: bool = False) -> dict:
+              timeout: float, table_only: bool = False, config: Path = BASE_CONFIG) -> dict:
     from mtl_scale.config import load_config
-    cfg = load_config(BASE_CONFIG, extra)
+    cfg = load_config(config, extra)
     tasks = [t.name for t in cfg.tasks]
     # a single-task run gets its task as the suite resolved it, and the other overrides
     not_tasks = [item for item in extra if not item.split("=", 1)[0].split(".")[0] == "tasks"]
@@ -192,16 +193,17 @@ def run_suite(out_root: Path, variants: list[str], seeds: list[int], extra: list
                     run = out_root / f"single-{task}" / f"seed{seed}"
                     walls[seed] += _train_or_read(run, [f"seed={seed}", *not_tasks, f"tasks=[{one}]",
                                                         "sharing=hard", "sampling.tasks_per_step=1"],
-                                                  nprocs, timeout, table_only)
+                                                  nprocs, timeout, table_only, config)
                     em.update(final_exact_match(run))
             elif variant == "soft-merged":
                 soft = out_root / "soft" / f"seed{seed}"
-                _train_or_read(soft, [f"seed={seed}", *extra, *VARIANTS["soft"]], nprocs, timeout, table_only)
+                _train_or_read(soft, [f"seed={seed}", *extra, *VARIANTS["soft"]], nprocs, timeout, table_only,
+                               config)
                 em, methods[seed], walls[seed] = merge_soft(soft, out_root / "soft-merged" / f"seed{seed}")
             else:
                 run = out_root / variant / f"seed{seed}"
                 walls[seed] = _train_or_read(run, [f"seed={seed}", *extra, *VARIANTS[variant]], nprocs, timeout,
-                                             table_only)
+                                             table_only, config)
                 em = final_exact_match(run)
                 tele.append(telemetry(run))
             per_seed[seed] = em
@@ -220,16 +222,18 @@ def run_suite(out_root: Path, variants: list[str], seeds: list[int], extra: list
     return results
 
 
-def _train_or_read(run: Path, overrides: list[str], nprocs: int, timeout: float, table_only: bool) -> float:
+def _train_or_read(run: Path, overrides: list[str], nprocs: int, timeout: float, table_only: bool,
+                   config: Path = BASE_CONFIG) -> float:
     if table_only:
         if not (run / "wall_s.txt").is_file():
             raise SystemExit(f"--table-only: {run} has not finished; run the suite without --table-only")
         return float((run / "wall_s.txt").read_text())
-    return train(run, overrides, nprocs, timeout)
+    return train(run, overrides, nprocs, timeout, config)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=BASE_CONFIG, help="the suite's base config")
     parser.add_argument("--variants", nargs="+", default=ALL_VARIANTS, choices=ALL_VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="runs/quality")
@@ -243,7 +247,7 @@ def main():
         raise SystemExit("--set: seed and output_dir are set by the suite (use --seeds and --out)")
     t0 = time.perf_counter()
     results = run_suite(Path(args.out), args.variants, args.seeds, args.set, args.nprocs, args.timeout,
-                        args.table_only)
+                        args.table_only, args.config)
     print()
     print(markdown(results))
     print(f"written: {args.out}/results.md, {args.out}/results.json ({time.perf_counter() - t0:.0f} s)")
