@@ -7,7 +7,7 @@
         --kv-heads 8 --vocab 128256 --seq-len 2048 --batch-sizes 1,4 model.dtype=bf16     # a ~1B Llama on a GPU
 
 A random-init Llama of the given size is built once (cached under $MTL_SCALE_CACHE) with the tiny
-default's character-level tokenizer (vocab_size may exceed it: the extra rows are just unused) and
+default's byte-level tokenizer (vocab_size may exceed it: the extra rows are just unused) and
 saved with save_pretrained. Every example is exactly --seq-len tokens (long completions truncated), so
 micro-batches have no padding and s is really s.
 
@@ -40,7 +40,8 @@ from mtl_scale import model_shape, plan_cli, planner
 from mtl_scale.cli import run_entry
 from mtl_scale.config import load_config
 from mtl_scale.engine import optimizer_step
-from mtl_scale.model import build_tiny_tokenizer, cache_dir
+from mtl_scale.base_model import build_tokenizer
+from mtl_scale.model import cache_dir
 import mtl_scale.trainer as trainer
 
 MiB = 2 ** 20
@@ -140,7 +141,7 @@ def build_model(args) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not (out / "DONE").exists():
-            tok = build_tiny_tokenizer()
+            tok = build_tokenizer(512)
             config = LlamaConfig(
                 vocab_size=max(args.vocab, len(tok)), hidden_size=args.hidden, intermediate_size=args.intermediate,
                 num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
