@@ -35,11 +35,11 @@ RECIPE = {
     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
     "corpus_documents": 150_000, "corpus": "mtl_scale.base_corpus: 70% generic skills (~50 kinds, 10 layouts), "
                                            "15% faker prose/records in 12 locales, 15% the demo's raw skills",
-    "seq": 160, "batch": 24, "lr": 3e-3, "warmup_steps": 100, "stable_steps": 1000, "decay_steps": 250,
+    "seq": 160, "batch": 24, "lr": 3e-3, "warmup_steps": 100, "stable_steps": 800, "decay_steps": 50,
     "weight_decay": 0.0, "seed": 1234, "threads": 2, "save_every": 100,
 }
 # sha256 of the committed model.safetensors (bf16), checked by the loader and by tests/test_model.py.
-RECIPE_SHA256 = None
+RECIPE_SHA256 = "0a3a1a0f468420741353819e59b02a09e80e5a64a53ad7af82deb453fa0d9db3"
 
 
 def model_name(recipe: dict = RECIPE) -> str:
@@ -150,7 +150,7 @@ def pretrain(r: dict, work: Path) -> tuple[object, object, dict]:
         opt.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 4))
         done = step + 1
-        if done % 50 == 0 or done == total:
+        if done % 10 == 0 or done == total:
             log.info("step %d/%d loss %.3f (mean of last 50 %.3f) lr %.2e %.2fs/step", done, total, losses[-1],
                      sum(losses[-50:]) / len(losses[-50:]), lr_at(step, r), (time.time() - t0) / (done - start))
         if done % r["save_every"] == 0 and done <= r["stable_steps"]:
