@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-tiny-model: setup
+tiny-model: setup  # checks the committed embedded base (rebuild: $(PY) -m mtl_scale.base_model)
 	$(PY) -m mtl_scale.model
 
 train: tiny-model

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from mtl_scale.model import build_tiny_tokenizer, cache_dir
+from mtl_scale.base_model import build_tokenizer
+from mtl_scale.model import cache_dir
 
 ON_GPU = torch.cuda.is_available()
 
@@ -165,12 +166,12 @@ def build_model(args) -> Path:
     from filelock import FileLock
     from transformers import LlamaConfig, LlamaForCausalLM
     name = (f"memcheck-h{args.hidden}-i{args.intermediate}-l{args.layers}-a{args.heads}-kv{args.kv_heads}"
-            f"-v{args.vocab}")
+            f"-v{args.vocab}-bytes")  # -bytes: the byte-level tokenizer of tiny-llama-v3 on
     out = cache_dir() / name
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not (out / "DONE").exists():
-            tok = build_tiny_tokenizer()
+            tok = build_tokenizer(512)
             config = LlamaConfig(
                 vocab_size=max(args.vocab, len(tok)), hidden_size=args.hidden, intermediate_size=args.intermediate,
                 num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,

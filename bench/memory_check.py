@@ -7,7 +7,7 @@
         --kv-heads 8 --vocab 128256 --seq-len 2048 --batch-sizes 1,4 model.dtype=bf16     # a ~1B Llama on a GPU
 
 A random-init Llama of the given size is built once (bench.common.build_model, cached under
-$MTL_SCALE_CACHE) with the tiny default's character-level tokenizer (vocab_size may exceed it: the
+$MTL_SCALE_CACHE) with the tiny default's byte-level tokenizer (vocab_size may exceed it: the
 extra rows are just unused) and saved with save_pretrained. Every example is exactly --seq-len tokens
 (long completions truncated), so micro-batches have no padding and s is really s.
 

@@ -5,6 +5,7 @@ over several seeds, scored by per-task exact match on held-out examples.
     python -m bench.quality --variants soft soft-merged --seeds 0
     python -m bench.quality --table-only                     # rebuild the tables from finished runs
     python -m bench.quality --variants hard-sum-temp adaptive-progress adaptive-gap hard-dwa-temp   # adaptive
+    python -m bench.quality --config bench/configs/transfer.yaml --variants single --seeds 0 --out runs/transfer
 
 Each (variant, seed) is a real run of the product, ``deepspeed --num_gpus 2 launch/train.py --config
 bench/configs/quality.yaml seed=S <the variant's overrides>``, under runs/quality/<variant>/seed<S>/;
@@ -57,21 +58,32 @@ VARIANTS = {
 ALL_VARIANTS = ["single", *VARIANTS, "soft-merged"]
 
 
-def train(out: Path, overrides: list[str], nprocs: int, timeout: float) -> float:
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How the suite's runs are launched: the suite's base config, ranks per run, seconds per run, and whether
+    to only read finished runs (--table-only)."""
+    config: Path = BASE_CONFIG
+    nprocs: int = 2
+    timeout: float = 1800
+    table_only: bool = False
+
+
+def train(out: Path, overrides: list[str], launch: Launch) -> float:
     """One training run (reused if it finished before); returns its wall time in seconds."""
     wall = out / "wall_s.txt"
     if (out / "train_summary.json").is_file() and wall.is_file():
         return float(wall.read_text())
     shutil.rmtree(out, ignore_errors=True)  # a run that died half-way leaves nothing to mix in
     out.mkdir(parents=True)
-    cmd = deepspeed_command(nprocs, "launch/train.py", ["--config", str(BASE_CONFIG), *overrides, f"output_dir={out}"])
+    cmd = deepspeed_command(launch.nprocs, "launch/train.py", ["--config", str(launch.config), *overrides,
+                                                             f"output_dir={out}"])
     print(f"  $ {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     with open(out / "train.log", "w") as log:
         try:
-            code = run_group(cmd, timeout, cwd=ROOT, log=log).returncode
+            code = run_group(cmd, launch.timeout, cwd=ROOT, log=log).returncode
         except LaunchTimeout:
-            code = f"timeout after {timeout:.0f}s"
+            code = f"timeout after {launch.timeout:.0f}s"
     seconds = round(time.perf_counter() - t0, 1)  # as stored, so a --table-only rebuild gives the same numbers
     if code != 0 or not (out / "train_summary.json").is_file():
         tail = (out / "train.log").read_text()[-6000:]
@@ -185,34 +197,33 @@ def pooled_telemetry(runs: list[dict]) -> dict:
             "projections_per_step": mean_of("projections_per_step")}
 
 
-def run_suite(out_root: Path, variants: list[str], seeds: list[int], extra: list[str], nprocs: int,
-              timeout: float, table_only: bool = False) -> dict:
+def run_suite(out_root: Path, variants: list[str], seeds: list[int], extra: list[str], launch: Launch) -> dict:
     from mtl_scale.config import load_config
-    cfg = load_config(BASE_CONFIG, extra)
+    cfg = load_config(launch.config, extra)
     tasks = [t.name for t in cfg.tasks]
     # a single-task run gets its task as the suite resolved it, and the other overrides
     not_tasks = [item for item in extra if not item.split("=", 1)[0].split(".")[0] == "tasks"]
     results = {"tasks": tasks, "task_sizes": {t.name: t.num_examples for t in cfg.tasks}, "seeds": seeds,
-               "extra_overrides": extra, "nprocs": nprocs, "variants": {}}
+               "config": str(launch.config), "extra_overrides": extra, "nprocs": launch.nprocs, "variants": {}}
     for variant in variants:
         per_seed, walls, tele, methods = {}, {}, [], {}
         for seed in seeds:
             if variant == "single":
                 em, walls[seed] = {}, 0.0
-                for run in single_runs(out_root, cfg, seed, not_tasks, nprocs, timeout, table_only):
+                for run in single_runs(out_root, cfg, seed, not_tasks, launch):
                     walls[seed] += float((run / "wall_s.txt").read_text())
                     em.update(final_scores(run))
             elif variant == "soft-merged":
                 soft = out_root / "soft" / f"seed{seed}"
-                _train_or_read(soft, [f"seed={seed}", *extra, *VARIANTS["soft"]], nprocs, timeout, table_only)
+                _train_or_read(soft, [f"seed={seed}", *extra, *VARIANTS["soft"]], launch)
                 em, methods[seed], walls[seed] = merge_soft(soft, out_root / "soft-merged" / f"seed{seed}")
             else:
                 run = out_root / variant / f"seed{seed}"
                 overrides = [f"seed={seed}", *extra, *VARIANTS[variant]]
                 if variant == "adaptive-gap":
-                    refs = single_runs(out_root, cfg, seed, not_tasks, nprocs, timeout, table_only)
+                    refs = single_runs(out_root, cfg, seed, not_tasks, launch)
                     overrides.append(f"sampling.reference=[{', '.join(str(r.resolve()) for r in refs)}]")
-                walls[seed] = _train_or_read(run, overrides, nprocs, timeout, table_only)
+                walls[seed] = _train_or_read(run, overrides, launch)
                 em = final_scores(run)
                 tele.append(telemetry(run))
             per_seed[seed] = em
@@ -231,29 +242,30 @@ def run_suite(out_root: Path, variants: list[str], seeds: list[int], extra: list
     return results
 
 
-def single_runs(out_root: Path, cfg, seed: int, not_tasks: list[str], nprocs: int, timeout: float,
-                table_only: bool) -> list[Path]:
+def single_runs(out_root: Path, cfg, seed: int, not_tasks: list[str], launch: Launch) -> list[Path]:
     """The seed's single-task runs (trained unless finished): one per task, alone, as the suite resolved it."""
     runs = []
     for task in cfg.tasks:
         one = json.dumps(dataclasses.asdict(task))
         run = out_root / f"single-{task.name}" / f"seed{seed}"
         _train_or_read(run, [f"seed={seed}", *not_tasks, f"tasks=[{one}]", "sharing=hard", "sampling.tasks_per_step=1"],
-                       nprocs, timeout, table_only)
+                       launch)
         runs.append(run)
     return runs
 
 
-def _train_or_read(run: Path, overrides: list[str], nprocs: int, timeout: float, table_only: bool) -> float:
-    if table_only:
+def _train_or_read(run: Path, overrides: list[str], launch: Launch) -> float:
+    if launch.table_only:
         if not (run / "wall_s.txt").is_file():
             raise SystemExit(f"--table-only: {run} has not finished; run the suite without --table-only")
         return float((run / "wall_s.txt").read_text())
-    return train(run, overrides, nprocs, timeout)
+    return train(run, overrides, launch)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=BASE_CONFIG, help="the suite's base config "
+                        "(default bench/configs/quality.yaml; bench/configs/transfer.yaml: the transfer suite)")
     parser.add_argument("--variants", nargs="+", default=ALL_VARIANTS, choices=ALL_VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="runs/quality")
@@ -266,8 +278,8 @@ def main():
     if any(item.startswith("seed=") or item.startswith("output_dir=") for item in args.set):
         raise SystemExit("--set: seed and output_dir are set by the suite (use --seeds and --out)")
     t0 = time.perf_counter()
-    results = run_suite(Path(args.out), args.variants, args.seeds, args.set, args.nprocs, args.timeout,
-                        args.table_only)
+    results = run_suite(Path(args.out), args.variants, args.seeds, args.set,
+                        Launch(args.config, args.nprocs, args.timeout, args.table_only))
     print()
     print(markdown(results))
     print(f"written: {args.out}/results.md, {args.out}/results.json ({time.perf_counter() - t0:.0f} s)")

@@ -24,7 +24,7 @@ class ConfigError(UserError):
     """A user-facing configuration error (printed without a traceback by the launchers)."""
 
 
-# The embedded default model: built and cached locally on first use (see mtl_scale.model).
+# The embedded default model: a committed byte-level tiny Llama (mtl_scale/assets, built by mtl_scale.base_model).
 TINY_MODEL = "builtin:tiny-llama"
 
 SHARING_MODES = ("hard", "soft", "hybrid")
@@ -43,7 +43,7 @@ LOSS_WEIGHTING = ("token", "task", "manual", "dwa")
 class ModelConfig:
     path: str = TINY_MODEL
     """A local directory or hub id loadable by ``AutoModelForCausalLM.from_pretrained``, or
-    ``builtin:tiny-llama`` for the embedded default (built and cached on first use)."""
+    ``builtin:tiny-llama`` for the embedded default (committed weights, see mtl_scale/base_model.py)."""
     dtype: str = "fp32"
     """Training dtype of the base weights: fp32 | bf16 | fp16. Use bf16 on GPUs; CPU runs need fp32."""
     attn_implementation: str = "sdpa"

@@ -1,4 +1,4 @@
-"""Base model loading, and the bootstrap of the embedded tiny default.
+"""Base model loading, and where the embedded tiny default lives (built by mtl_scale.base_model).
 
 Every model, the embedded default included, is loaded by ``AutoModelForCausalLM.from_pretrained``
 from a directory or hub id. Under ZeRO-3 the caller keeps an ``HfDeepSpeedConfig`` alive before
@@ -7,29 +7,18 @@ checkpoint never materialises whole on one rank.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import torch
 
 from mtl_scale.config import TINY_MODEL, ModelConfig
-from mtl_scale.data import builtin
 from mtl_scale.errors import UserError
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-# Bump when the recipe below changes: it names the cache directory, so old builds are not reused.
-TINY_RECIPE = {
-    "version": 2,
-    "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
-    "pretrain_steps": 1000, "pretrain_batch": 32, "pretrain_seq": 96, "pretrain_lr": 3e-3, "seed": 1234,
-}
 
 
 def cache_dir() -> Path:
@@ -37,11 +26,13 @@ def cache_dir() -> Path:
 
 
 def tiny_model_dir() -> Path:
-    return cache_dir() / f"tiny-llama-v{TINY_RECIPE['version']}"
+    """The committed checkpoint of the embedded default (mtl_scale/assets/tiny-llama-v<version>)."""
+    from mtl_scale.base_model import ASSETS, model_name
+    return ASSETS / model_name()
 
 
 def resolve_model_path(path: str) -> str:
-    """The directory or hub id to hand to ``from_pretrained``; builds the tiny default if needed."""
+    """The directory or hub id to hand to ``from_pretrained`` (the committed one for the tiny default)."""
     if path == TINY_MODEL:
         return str(ensure_tiny_model())
     if path.startswith("builtin:"):
@@ -68,6 +59,16 @@ def resolve_device_map(device_map: str | None = "auto") -> str | None:
     if device_map == "auto" and not torch.cuda.is_available():
         return None
     return device_map
+
+
+def base_model_record(path: str, resolved: str) -> dict:
+    """What a run records about its base: the configured path, the directory loaded, and for the
+    embedded default its versioned name and weights checksum."""
+    record = {"path": path, "resolved": resolved}
+    if path == TINY_MODEL:
+        from mtl_scale.base_model import RECIPE_SHA256, model_name
+        record.update(name=model_name(), sha256=RECIPE_SHA256)
+    return record
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -161,104 +162,22 @@ def quantization_config(cfg: ModelConfig):
 
 
 def ensure_tiny_model() -> Path:
-    """Build the tiny default once (file-locked, so concurrent ranks build it once) and return its
-    directory. Cached under $MTL_SCALE_CACHE (default ~/.cache/mtl_scale)."""
-    from filelock import FileLock
+    """The embedded default's directory, after checking that its weights are the committed ones.
+
+    The weights ship with the package (built once by ``python -m mtl_scale.base_model``), so every
+    machine loads the same model and nothing is built at run time."""
+    from mtl_scale.base_model import RECIPE_SHA256, model_name, sha256
     out = tiny_model_dir()
-    if (out / "DONE").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if not (out / "DONE").exists():
-            build_tiny_model(out)
+    weights = out / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{TINY_MODEL} ({model_name()}): {weights} is missing; it ships with mtl_scale "
+                        "(reinstall, or rebuild it with python -m mtl_scale.base_model)")
+    digest = sha256(weights)
+    if digest != RECIPE_SHA256:
+        raise UserError(f"{TINY_MODEL} ({model_name()}): {weights} has sha256 {digest}, not the committed "
+                        f"{RECIPE_SHA256}; restore it (git checkout) or rebuild with python -m mtl_scale.base_model")
     return out
 
 
-def build_tiny_tokenizer():
-    """A byte-level tokenizer that splits text into single characters, trained with the
-    ``tokenizers`` library on the built-in task text. Single characters keep reverse/sort learnable
-    for a tiny model; byte fallback covers any text (real data such as GSM8K)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    corpus = builtin.raw_skill_lines(2000, seed=0)
-    for name in builtin.GENERATORS:
-        corpus += [e["prompt"] + e["completion"] for e in builtin.generate(name, 500, seed=0)]
-    trainer = trainers.BpeTrainer(vocab_size=256 + len(specials), special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   model_max_length=TINY_RECIPE["max_position_embeddings"])
-
-
-def build_tiny_model(out: Path) -> None:
-    """Random-init a small Llama, pretrain it briefly (full parameters) on raw skill text, and
-    save model + tokenizer with ``save_pretrained``. Deterministic: fixed seeds, fixed threads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    r = TINY_RECIPE
-    t0 = time.time()
-    tok = build_tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=r["hidden_size"], intermediate_size=r["intermediate_size"],
-        num_hidden_layers=r["num_hidden_layers"], num_attention_heads=r["num_attention_heads"],
-        num_key_value_heads=r["num_key_value_heads"], max_position_embeddings=r["max_position_embeddings"],
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the same thread count everywhere keeps the float sums identical
-    torch.manual_seed(r["seed"])
-    model = LlamaForCausalLM(config)
-    _pretrain(model, tok, r)
-    torch.set_num_threads(threads)
-
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "mtl_scale_recipe.json").write_text(json.dumps(r, indent=2))
-    (tmp / "DONE").write_text(f"built in {time.time() - t0:.0f}s\n")
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
-    tmp.rename(out)  # atomic: a half-built model is never picked up
-    log.info("built the tiny default model in %s (%.0fs)", out, time.time() - t0)
-
-
-def _pretrain(model, tok, r: dict) -> None:
-    """Full-parameter next-token training on packed raw skill lines (``cab^abc``, ``12+3=15``...)."""
-    gen = torch.Generator().manual_seed(r["seed"])
-    lines = builtin.raw_skill_lines(r["pretrain_steps"] * r["pretrain_batch"] * 12, seed=r["seed"])
-    ids = []
-    for line_ids in tok(lines, add_special_tokens=False)["input_ids"]:
-        # each line a document, <s>text</s>, framed as instruction examples are
-        ids += [tok.bos_token_id, *line_ids, tok.eos_token_id]
-    data = torch.tensor(ids)
-    opt = torch.optim.AdamW(model.parameters(), lr=r["pretrain_lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["pretrain_lr"], total_steps=r["pretrain_steps"],
-                                                pct_start=0.05)
-    model.train()
-    seq = r["pretrain_seq"]
-    for step in range(r["pretrain_steps"]):
-        starts = torch.randint(0, len(data) - seq - 1, (r["pretrain_batch"],), generator=gen)
-        batch = torch.stack([data[s:s + seq] for s in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 250 == 0 or step == r["pretrain_steps"] - 1:
-            log.info("tiny-model pretraining step %d/%d loss %.3f", step + 1, r["pretrain_steps"], loss.item())
-    model.eval()
-
-
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(ensure_tiny_model())

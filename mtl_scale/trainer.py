@@ -27,7 +27,7 @@ from mtl_scale.ds_config import build_ds_config, gradient_accumulation_steps, ze
 from mtl_scale.engine import Coupling, StepStats, Surgery, optimizer_step
 from mtl_scale.evaluate import evaluate_during_training
 from mtl_scale.loss_weighting import loss_scales
-from mtl_scale.model import load_model, load_tokenizer, resolve_model_path
+from mtl_scale.model import base_model_record, load_model, load_tokenizer, resolve_model_path
 from mtl_scale.process_group import init_distributed
 from mtl_scale.errors import TrainingAborted, UserError
 from mtl_scale.sampling import TaskSampler, task_probabilities
@@ -382,6 +382,7 @@ def write_summary(run: Run) -> None:
     if run.is_writer:
         summary = {
             "steps": run.step, "world_size": run.world, "adapters": run.adapter_names,
+            "base_model": base_model_record(run.cfg.model.path, run.model_path),
             "final": run.history[-1] if run.history else {},
             "data": data_summary(run.tasks),
         }

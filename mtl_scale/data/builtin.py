@@ -3,8 +3,9 @@
 Each task has two faces:
 - an *instruction* form the adapters are fine-tuned on, ``<verb> [<input>] ->`` / `` <answer>``,
   e.g. ``repeat [cab] ->`` / `` cab``;
-- a *raw skill* form, e.g. ``cab:cab``, used only to pretrain the tiny base model
-  (mtl_scale.model), so the base already has the skill but not the instruction format.
+- a *raw skill* form, e.g. ``cab:cab``, used only in the embedded base's pretraining text
+  (mtl_scale.base_corpus, among many generic skills), so the base already has the skill but not
+  the instruction format.
 LoRA on a random frozen base barely learns (see docs); on a base that has the skills it learns
 to route the instruction to the skill in minutes on a CPU, which is the honest picture of what
 LoRA does to a real pretrained model.
@@ -62,10 +63,3 @@ def generate(name: str, n: int, seed: int) -> list[dict]:
             if len(out) == n:
                 break
     return out
-
-
-def raw_skill_lines(n: int, seed: int) -> list[str]:
-    """Un-instructed skill text for pretraining the tiny base: ``n`` lines mixing all skills."""
-    rng = random.Random(f"raw:{seed}")
-    names = sorted(GENERATORS)
-    return [GENERATORS[rng.choice(names)](rng)[2] for _ in range(n)]
