@@ -261,6 +261,27 @@ def raw_demo_document(s: Source) -> str:
     return "\n".join(builtin.GENERATORS[s.rng.choice(names)](s.rng)[2] for _ in range(s.rng.randint(2, 8)))
 
 
+COPY_LAYOUTS = ["{x} => {x}", "copy: {x} => {x}", "{x}\n{x}", 'copy("{x}") = "{x}"', "{x} | {x}"]
+
+
+def copy_documents(n: int, seed: int) -> list[str]:
+    """``n`` documents of 2-6 random strings (3-25 characters: letters, digits, punctuation, accented) each
+    written twice. Copying is what every skill and every transfer task builds on, and a 2-layer model
+    learns it (an induction circuit) only from text whose second half cannot be predicted any other way:
+    with the skills and prose alone it had not after 4,000 steps."""
+    rng = random.Random(f"copy-corpus:{seed}")
+    alphabets = [string.ascii_letters + string.digits, PRINTABLE, PRINTABLE + ACCENTED]
+    out = []
+    for _ in range(n):
+        lines = []
+        for _ in range(rng.randint(2, 6)):
+            alphabet = rng.choice(alphabets)
+            x = "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 25)))
+            lines.append(rng.choice(COPY_LAYOUTS).format(x=x))
+        out.append("\n".join(lines))
+    return out
+
+
 def corpus_documents(n: int, seed: int) -> list[str]:
     """``n`` documents: 70% skills, 15% prose, 15% the demo's raw skills."""
     s = Source(seed)

@@ -16,7 +16,9 @@ import argparse
 import hashlib
 import json
 import logging
+import random
 import shutil
+import string
 import time
 from pathlib import Path
 
@@ -29,13 +31,15 @@ SPECIALS = ["<pad>", "<s>", "</s>"]
 
 # Bump the version when anything below changes: it names the model (tiny-llama-v<version>).
 RECIPE = {
-    "version": 3,
+    "version": 4,
     "tokenizer": "byte-level: 3 specials (<pad> <s> </s>) + the 256 UTF-8 bytes, no merges",
     "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512,
     "corpus_documents": 150_000, "corpus": "mtl_scale.base_corpus: 70% generic skills (~50 kinds, 10 layouts), "
                                            "15% faker prose/records in 12 locales, 15% the demo's raw skills",
-    "seq": 160, "batch": 24, "lr": 3e-3, "warmup_steps": 100, "stable_steps": 4000, "decay_steps": 200,
+    "copy_documents": 60_000, "copy_corpus": "mtl_scale.base_corpus.copy_documents: random strings written twice",
+    "copy_steps": 2000, "copy_fraction": 0.3,
+    "seq": 160, "batch": 32, "lr": 1e-3, "warmup_steps": 50, "stable_steps": 8000, "decay_steps": 300,
     "weight_decay": 0.0, "seed": 1234, "threads": 2, "save_every": 100,
 }
 # sha256 of the committed model.safetensors (bf16), checked by the loader and by tests/test_model.py.
@@ -80,10 +84,12 @@ def build_tokenizer(max_len: int):
                                    model_max_length=max_len)
 
 
-def corpus_ids(r: dict) -> torch.Tensor:
-    """The pretraining corpus as one token stream: ``<s>document</s>`` per document."""
-    from mtl_scale.base_corpus import corpus_documents
-    docs = corpus_documents(r["corpus_documents"], seed=r["seed"])
+def corpus_ids(r: dict, kind: str = "broad") -> torch.Tensor:
+    """A pretraining corpus as one token stream, ``<s>document</s>`` per document: ``broad`` (skills, prose,
+    the demo's raw skills) or ``copy`` (random strings written twice)."""
+    from mtl_scale.base_corpus import copy_documents, corpus_documents
+    docs = (corpus_documents(r["corpus_documents"], seed=r["seed"]) if kind == "broad"
+            else copy_documents(r["copy_documents"], seed=r["seed"]))
     ids = []
     for doc in docs:  # bytes + 3 is the tokenizer's id of each byte (checked in tests/test_model.py)
         ids += [1, *(b + len(SPECIALS) for b in doc.encode("utf-8")), 2]
@@ -122,6 +128,14 @@ def copy_probe(model, n: int = 48, seed: int = 99) -> dict[str, float]:
         got = [bytes(t - len(SPECIALS) for t in row[width:].tolist() if t >= len(SPECIALS)) for row in ids]
         out[skill] = sum(g.startswith(a) and g[len(a):len(a) + 1] in (b"", b'"', b"\n") for g, a in
                          zip(got, answers)) / n
+    # nats per byte of the second writing of 16 random 20-letter strings (the first costs ~4.1): how far the
+    # induction circuit has formed, before greedy copies come out whole
+    rng = random.Random(seed)
+    xs = ["".join(rng.choice(string.ascii_letters) for _ in range(20)) for _ in range(16)]
+    ids = torch.tensor([[1, *(b + len(SPECIALS) for b in f"{x} => {x}".encode())] for x in xs])
+    with torch.no_grad():
+        nats = -torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1).gather(2, ids[:, 1:, None])[..., 0]
+    out["second_copy_nats"] = round(nats[:, -19:].mean().item(), 3)
     return out
 
 
@@ -142,14 +156,16 @@ def pretrain(r: dict, work: Path) -> tuple[object, object, dict]:
     total = r["stable_steps"] + r["decay_steps"]
 
     work.mkdir(parents=True, exist_ok=True)
-    data_path = work / "corpus.pt"
-    if data_path.is_file():
-        data = torch.load(data_path)
-    else:
-        t0 = time.time()
-        data = corpus_ids(r)
-        torch.save(data, data_path)
-        log.info("corpus: %d documents, %d tokens (%.0fs)", r["corpus_documents"], len(data), time.time() - t0)
+    data = {}
+    for kind in ("broad", "copy"):
+        path = work / f"corpus-{kind}.pt"
+        if path.is_file():
+            data[kind] = torch.load(path)
+        else:
+            t0 = time.time()
+            data[kind] = corpus_ids(r, kind)
+            torch.save(data[kind], path)
+            log.info("%s corpus: %d tokens (%.0fs)", kind, len(data[kind]), time.time() - t0)
     start, losses = 0, []
     saved = sorted(work.glob("state-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
     saved = [p for p in saved if int(p.stem.split("-")[1]) <= r["stable_steps"]]
@@ -164,8 +180,12 @@ def pretrain(r: dict, work: Path) -> tuple[object, object, dict]:
     seq, t0 = r["seq"], time.time()
     for step in range(start, total):
         gen = torch.Generator().manual_seed(r["seed"] * 1_000_003 + step)
-        starts = torch.randint(0, len(data) - seq - 1, (r["batch"],), generator=gen).tolist()
-        batch = torch.stack([data[s:s + seq] for s in starts]).long()  # (batch, seq)
+        n_copy = r["batch"] if step < r["copy_steps"] else round(r["batch"] * r["copy_fraction"])
+        rows = []
+        for kind, n in (("copy", n_copy), ("broad", r["batch"] - n_copy)):
+            starts = torch.randint(0, len(data[kind]) - seq - 1, (n,), generator=gen).tolist()
+            rows += [data[kind][s:s + seq] for s in starts]
+        batch = torch.stack(rows).long()  # (batch, seq)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, r)
         loss = model(input_ids=batch, labels=batch).loss
