@@ -166,7 +166,7 @@ def build_model(args) -> Path:
     from filelock import FileLock
     from transformers import LlamaConfig, LlamaForCausalLM
     name = (f"memcheck-h{args.hidden}-i{args.intermediate}-l{args.layers}-a{args.heads}-kv{args.kv_heads}"
-            f"-v{args.vocab}-bytes")  # -bytes: the byte-level tokenizer of tiny-llama-v3 on
+            f"-v{args.vocab}-bytes")  # -bytes: the embedded base's byte-level tokenizer
     out = cache_dir() / name
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):

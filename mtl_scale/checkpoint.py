@@ -48,8 +48,9 @@ def latest_complete(output_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save(engine, rank: int, step: int, cfg: RunConfig, rank_state: dict) -> Path:
-    """Collective: every rank writes its part, then rank 0 marks the checkpoint complete."""
+def save(engine, rank: int, step: int, cfg: RunConfig, rank_state: dict, base: dict | None = None) -> Path:
+    """Collective: every rank writes its part, then rank 0 marks the checkpoint complete. ``base``: what the
+    run records about its base model (``model.base_model_record``), written as base_model.json."""
     import torch.distributed as dist
 
     root = checkpoint_dir(cfg.output_dir)
@@ -64,6 +65,8 @@ def save(engine, rank: int, step: int, cfg: RunConfig, rank_state: dict) -> Path
     dist.barrier()
     if rank == 0:
         (partial / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if base is not None:
+            (partial / "base_model.json").write_text(json.dumps(base, indent=2) + "\n")
         (partial / "COMPLETE").write_text(f"step {step}\n")
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
@@ -90,7 +93,22 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
     if differ:
         raise UserError(f"resume: {ckpt} was written by a different config; differing keys: {', '.join(differ)} "
                         f"(only {', '.join(RESUMABLE_CHANGES)} may change on resume)")
+    check_same_embedded_base(ckpt, cfg.model.path)
     return ckpt
+
+
+def check_same_embedded_base(ckpt: Path, model_path: str) -> None:
+    """The embedded default is one path (builtin:tiny-llama) for every version of it: a checkpoint trained on
+    another version than this checkout's has adapters for other weights, so resuming it is refused."""
+    from mtl_scale.model import base_model_record
+    saved_file = ckpt / "base_model.json"
+    if not saved_file.is_file():
+        return
+    saved, now = json.loads(saved_file.read_text()), base_model_record(model_path, "")
+    if "sha256" in saved and (saved.get("name"), saved["sha256"]) != (now.get("name"), now.get("sha256")):
+        raise UserError(f"resume: {ckpt} was trained on {saved.get('name')} (sha256 {saved['sha256'][:12]}...), "
+                        f"but {model_path} is now {now.get('name')} (sha256 {str(now.get('sha256'))[:12]}...); "
+                        "resume it with the mtl_scale version that wrote it, or start a fresh run")
 
 
 def load(engine, rank: int, ckpt: Path) -> dict:
@@ -180,7 +198,8 @@ def save_run(run) -> Path:
         state["balancer"] = run.balancer.state_dict()
     if torch.cuda.is_available():  # dropout on GPU draws from the CUDA generator
         state["cuda_rng"] = torch.cuda.get_rng_state()
-    return save(run.engine, run.rank, run.step, run.cfg, state)
+    from mtl_scale.model import base_model_record
+    return save(run.engine, run.rank, run.step, run.cfg, state, base_model_record(run.cfg.model.path, run.model_path))
 
 
 def restore_run(run, ckpt: Path) -> None:

@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 from dist import ROOT, kill_all, launch, start_srun_style
 from mtl_scale import checkpoint
 from mtl_scale.config import load_config, to_dict
+from mtl_scale.base_model import RECIPE_SHA256, model_name
 from mtl_scale.errors import UserError
+from mtl_scale.model import base_model_record
 from mtl_scale.process_group import run_group
 from mtl_scale.trainer import lr_lambda
 
@@ -66,6 +68,11 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tiny_model_dir, e
         # probs[i] drew step i + 1; the update after step 2 only records history (progress needs two points)
         assert all(probs[i] != probs[i + 1] for i in (3, 5))
     assert [p.name for p in (cut / "checkpoints").iterdir()] == ["step_00000003", "step_00000006"]
+    # the run and its checkpoints record the base they trained: the embedded default's version and checksum
+    record = {"path": "builtin:tiny-llama", "resolved": str(tiny_model_dir), "name": model_name(),
+              "sha256": RECIPE_SHA256}
+    assert json.loads((cut / "train_summary.json").read_text())["base_model"] == record
+    assert json.loads((cut / "checkpoints" / "step_00000006" / "base_model.json").read_text()) == record
 
 
 def test_incomplete_checkpoints_are_never_picked(tmp_path):
@@ -93,6 +100,14 @@ def test_resume_from_a_different_config_is_refused(tmp_path):
         checkpoint.resolve_resume(bad)
     with pytest.raises(UserError, match="is not a complete mtl_scale checkpoint"):
         checkpoint.resolve_resume(load_config(ROOT / "configs/demo.yaml", [f"resume={tmp_path}"]))
+    # a checkpoint of another version of the embedded base (one path, builtin:tiny-llama, for all of them)
+    (ckpt / "base_model.json").write_text(json.dumps({"path": "builtin:tiny-llama", "name": "tiny-llama-v3",
+                                                      "sha256": "0a3a1a0f468420741353819e59b02a09e80e5a64"}))
+    with pytest.raises(UserError, match=r"was trained on tiny-llama-v3 \(sha256 0a3a1a0f4684\.\.\.\), but "
+                                        rf"builtin:tiny-llama is now {model_name()}"):
+        checkpoint.resolve_resume(ok)
+    (ckpt / "base_model.json").write_text(json.dumps(base_model_record("builtin:tiny-llama", "")))
+    assert checkpoint.resolve_resume(ok) == ckpt
 
 
 @pytest.mark.dist
