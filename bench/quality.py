@@ -149,7 +149,8 @@ def summarize(per_seed: dict[int, dict[str, float]], tasks: list[str]) -> dict:
 
 def markdown(results: dict) -> str:
     tasks, sizes = results["tasks"], results["task_sizes"]
-    head = "| variant | " + " | ".join(f"{t} ({sizes[t]})" for t in tasks) + " | mean | worst task | wall time / seed |"
+    head = "| variant | " + " | ".join(t if sizes[t] is None else f"{t} ({sizes[t]})" for t in tasks) + \
+           " | mean | worst task | wall time / seed |"
     lines = [head, "|---|" + "---:|" * (len(tasks) + 3)]
 
     def cell(s):
