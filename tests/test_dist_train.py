@@ -59,7 +59,8 @@ def test_stock_peft_reproduces_trained_logits(trained, tiny_model_dir):
     assert probe["logits"], "the driver recorded no logits"
     for combo, logits in probe["logits"].items():
         names = combo.split("+")
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        # fp32, as the run trained it (configs/demo.yaml); the checkpoint itself is stored in bf16
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         model = PeftModel.from_pretrained(base, out / "adapters" / names[0], adapter_name=names[0]).eval()
         for name in names[1:]:  # hybrid: shared + task adapter applied together
             model.load_adapter(out / "adapters" / name, adapter_name=name)
