@@ -25,6 +25,7 @@ import yaml
 
 from mtl_scale.config import RunConfig, to_dict
 from mtl_scale.errors import UserError
+from mtl_scale.model import base_model_record
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,6 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
 def check_same_embedded_base(ckpt: Path, model_path: str) -> None:
     """The embedded default is one path (builtin:tiny-llama) for every version of it: a checkpoint trained on
     another version than this checkout's has adapters for other weights, so resuming it is refused."""
-    from mtl_scale.model import base_model_record
     saved_file = ckpt / "base_model.json"
     if not saved_file.is_file():
         return
@@ -198,7 +198,6 @@ def save_run(run) -> Path:
         state["balancer"] = run.balancer.state_dict()
     if torch.cuda.is_available():  # dropout on GPU draws from the CUDA generator
         state["cuda_rng"] = torch.cuda.get_rng_state()
-    from mtl_scale.model import base_model_record
     return save(run.engine, run.rank, run.step, run.cfg, state, base_model_record(run.cfg.model.path, run.model_path))
 
 
