@@ -12,8 +12,9 @@ bench/configs/quality.yaml seed=S <the variant's overrides>``, under runs/qualit
 its exact match is the trainer's end-of-run evaluation (every held-out example of every task, with
 the adapter that task is served with). ``soft-merged`` merges each seed's soft adapters with
 mtl_scale.merge (all methods; the one with the best mean retention is reported, as ``launch/merge.py``
-would pick it). ``adaptive-gap`` steers toward the seed's single-task runs' final held-out losses
-(``sampling.reference``), so it trains or reuses the ``single`` runs first. The adaptive variants steer on
+would pick it). The gap-rule variants (``adaptive-gap``, ``soft-gap``, ``hybrid-pcgrad-gap``) steer toward
+the seed's single-task runs' final held-out losses (``sampling.reference``), so they train or reuse the
+``single`` runs first. The adaptive variants steer on
 train losses only (``eval.every_steps: 0``): steering on held-out loss would let the scored examples shape
 the training. Finished runs are reused, so an interrupted suite continues where it stopped.
 
@@ -51,6 +52,10 @@ VARIANTS = {
                      "sampling.strategy=adaptive", "sampling.adaptive.rule=gap"],  # + sampling.reference
     "hard-dwa-temp": ["sharing=hard", "surgery.method=sum", "surgery.telemetry=true",
                       "sampling.strategy=temperature", "loss.task_weighting=dwa"],
+    # the gap rule on the sharings that give tasks their own capacity (soft, hybrid-pcgrad)
+    "soft-gap": ["sharing=soft", "sampling.strategy=adaptive", "sampling.adaptive.rule=gap"],
+    "hybrid-pcgrad-gap": ["sharing=hybrid", "surgery.method=pcgrad", "sampling.strategy=adaptive",
+                          "sampling.adaptive.rule=gap"],
 }
 # "single": one run per task, alone, with one micro-batch per step (tasks_per_step=1) for the same
 # number of steps, so the K single-task runs together cost what one multi-task run costs and each
@@ -221,7 +226,7 @@ def run_suite(out_root: Path, variants: list[str], seeds: list[int], extra: list
             else:
                 run = out_root / variant / f"seed{seed}"
                 overrides = [f"seed={seed}", *extra, *VARIANTS[variant]]
-                if variant == "adaptive-gap":
+                if "sampling.adaptive.rule=gap" in VARIANTS[variant]:
                     refs = single_runs(out_root, cfg, seed, not_tasks, launch)
                     overrides.append(f"sampling.reference=[{', '.join(str(r.resolve()) for r in refs)}]")
                 walls[seed] = _train_or_read(run, overrides, launch)
