@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mtl_scale.base_model import build_tokenizer
+from mtl_scale.base_model import RECIPE, build_tokenizer
 from mtl_scale.model import cache_dir
 
 ON_GPU = torch.cuda.is_available()
@@ -171,7 +171,7 @@ def build_model(args) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not (out / "DONE").exists():
-            tok = build_tokenizer(512)
+            tok = build_tokenizer(RECIPE["max_position_embeddings"])
             config = LlamaConfig(
                 vocab_size=max(args.vocab, len(tok)), hidden_size=args.hidden, intermediate_size=args.intermediate,
                 num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
