@@ -56,6 +56,8 @@ VARIANTS = {
     "soft-gap": ["sharing=soft", "sampling.strategy=adaptive", "sampling.adaptive.rule=gap"],
     "hybrid-pcgrad-gap": ["sharing=hybrid", "surgery.method=pcgrad", "sampling.strategy=adaptive",
                           "sampling.adaptive.rule=gap"],
+    # hybrid-pcgrad-gap without PCGrad, which the cosines say has nothing to remove here
+    "hybrid-gap": ["sharing=hybrid", "surgery.method=sum", "sampling.strategy=adaptive", "sampling.adaptive.rule=gap"],
 }
 # "single": one run per task, alone, with one micro-batch per step (tasks_per_step=1) for the same
 # number of steps, so the K single-task runs together cost what one multi-task run costs and each
