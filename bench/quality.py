@@ -4,6 +4,12 @@ over several seeds, scored by per-task exact match on held-out examples.
     python bench/quality.py                                  # all variants, seeds 0 1 2
     python bench/quality.py --variants soft soft-merged --seeds 0
     python bench/quality.py --table-only                     # rebuild the tables from finished runs
+    python bench/quality.py --variants soft-shareda-merged --coupling 0 0.01 0.1 1   # the coupling sweep
+
+Merged variants (``<run variant>-merged``) report the exact match of the merge ``launch/merge.py`` picks
+(method and scale chosen on half of each task's held-out examples, reported on the other half). The
+coupling sweep (``--coupling``) trains soft shared-A runs at each ``soft.coupling`` strength and tables
+own-adapter against merged exact match per strength (``coupling.md``, ``coupling.png``: the Pareto plot).
 
 Each (variant, seed) is a real run of the product, ``deepspeed --num_gpus 2 launch/train.py --config
 bench/configs/quality.yaml seed=S <the variant's overrides>``, under runs/quality/<variant>/seed<S>/;
@@ -38,12 +44,15 @@ VARIANTS = {
                       "sampling.strategy=temperature"],
     "hard-pcgrad-temp": ["sharing=hard", "surgery.method=pcgrad", "sampling.strategy=temperature"],
     "soft": ["sharing=soft", "sampling.strategy=temperature"],
+    "soft-shareda": ["sharing=soft", "sampling.strategy=temperature", "lora.shared_a=true"],
     "hybrid-pcgrad": ["sharing=hybrid", "surgery.method=pcgrad", "sampling.strategy=temperature"],
 }
 # "single": one run per task, alone, with one micro-batch per step (tasks_per_step=1) for the same
 # number of steps, so the K single-task runs together cost what one multi-task run costs and each
 # task sees as many examples as uniform sampling would give it. "soft-merged": the soft runs, merged.
-ALL_VARIANTS = ["single", *VARIANTS, "soft-merged"]
+# "<variant>-merged": that variant's runs, merged with launch/merge.py's choice.
+MERGED = {f"{v}-merged": v for v in ("soft", "soft-shareda", "hybrid-pcgrad")}
+ALL_VARIANTS = ["single", *VARIANTS, *MERGED]
 
 
 def train(out: Path, overrides: list[str], nprocs: int, timeout: float) -> float:
@@ -76,7 +85,8 @@ def final_exact_match(out: Path) -> dict[str, float]:
 
 
 def merge_soft(soft_run: Path, out: Path) -> tuple[dict[str, float], str, float]:
-    """Merge a soft run's adapters (every method), keep the best; per-task exact match, method, seconds."""
+    """Merge a run's adapters (every method and scale), keep the best on validation; per-task exact match on
+    the report examples, method, seconds."""
     report_path = out / "merge_report.json"
     if not report_path.is_file():
         from mtl_scale.merge import merge_run
@@ -194,10 +204,11 @@ def run_suite(out_root: Path, variants: list[str], seeds: list[int], extra: list
                                                         "sharing=hard", "sampling.tasks_per_step=1"],
                                                   nprocs, timeout, table_only)
                     em.update(final_exact_match(run))
-            elif variant == "soft-merged":
-                soft = out_root / "soft" / f"seed{seed}"
-                _train_or_read(soft, [f"seed={seed}", *extra, *VARIANTS["soft"]], nprocs, timeout, table_only)
-                em, methods[seed], walls[seed] = merge_soft(soft, out_root / "soft-merged" / f"seed{seed}")
+            elif variant in MERGED:
+                source = out_root / MERGED[variant] / f"seed{seed}"
+                _train_or_read(source, [f"seed={seed}", *extra, *VARIANTS[MERGED[variant]]], nprocs, timeout,
+                               table_only)
+                em, methods[seed], walls[seed] = merge_soft(source, out_root / variant / f"seed{seed}")
             else:
                 run = out_root / variant / f"seed{seed}"
                 walls[seed] = _train_or_read(run, [f"seed={seed}", *extra, *VARIANTS[variant]], nprocs, timeout,
@@ -220,6 +231,51 @@ def run_suite(out_root: Path, variants: list[str], seeds: list[int], extra: list
     return results
 
 
+def coupling_sweep(out_root: Path, strengths: list[float], seeds: list[int], extra: list[str], nprocs: int,
+                   timeout: float, table_only: bool = False) -> dict:
+    """Soft shared-A runs at each coupling strength, each merged: own-adapter vs merged exact match, both on
+    the merge report's examples, per strength (mean over seeds and tasks; worst = lowest retention)."""
+    rows = {}
+    for strength in strengths:
+        per_seed = []
+        for seed in seeds:
+            run = out_root / f"soft-shareda-c{strength:g}" / f"seed{seed}"
+            _train_or_read(run, [f"seed={seed}", *extra, *VARIANTS["soft-shareda"], f"soft.coupling={strength}"],
+                           nprocs, timeout, table_only)
+            merge_soft(run, run.parent / f"merged-seed{seed}")
+            report = json.loads((run.parent / f"merged-seed{seed}" / "merge_report.json").read_text())
+            best = report["best"]["method"]
+            per_seed.append({"own": statistics.fmean(r["exact_match"] for r in report["own"].values()),
+                             "merged": statistics.fmean(r["exact_match"] for r in report["merged"][best].values()),
+                             "worst_retention": report["best"]["worst_retention"], "method": best,
+                             "scale": report["best"]["scale"]})
+        rows[f"{strength:g}"] = {"seeds": per_seed, **{k: statistics.fmean(s[k] or 0.0 for s in per_seed)
+                                                         for k in ("own", "merged", "worst_retention")}}
+        print(f"coupling {strength:g}: own {100 * rows[f'{strength:g}']['own']:.1f}%, merged "
+              f"{100 * rows[f'{strength:g}']['merged']:.1f}%", flush=True)
+    lines = ["| soft.coupling | own-adapter EM | merged EM | worst-task retention | merges (method x scale) |",
+             "|---:|---:|---:|---:|---|"]
+    for k, r in rows.items():
+        merges = ", ".join(f"{s['method']} x{s['scale']:g}" for s in r["seeds"])
+        lines.append(f"| {k} | {100 * r['own']:.1f}% | {100 * r['merged']:.1f}% | {r['worst_retention']:.2f} | {merges} |")
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "coupling.json").write_text(json.dumps(rows, indent=2))
+    (out_root / "coupling.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot([100 * r["own"] for r in rows.values()], [100 * r["merged"] for r in rows.values()], "o-")
+    for k, r in rows.items():
+        ax.annotate(f"λ={k}", (100 * r["own"], 100 * r["merged"]))
+    ax.set_xlabel("own-adapter exact match (%)")
+    ax.set_ylabel("merged exact match (%)")
+    ax.set_title("soft, shared A: coupling strength")
+    fig.tight_layout()
+    fig.savefig(out_root / "coupling.png", dpi=120)
+    return rows
+
+
 def _train_or_read(run: Path, overrides: list[str], nprocs: int, timeout: float, table_only: bool) -> float:
     if table_only:
         if not (run / "wall_s.txt").is_file():
@@ -238,6 +294,9 @@ def main():
     parser.add_argument("--table-only", action="store_true", help="only rebuild results from finished runs")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for every run, e.g. max_steps=100 (tasks.<i>.<key> reach single runs too)")
+    parser.add_argument("--coupling", nargs="+", type=float,
+                        help="run the coupling sweep at these soft.coupling strengths (soft, lora.shared_a), "
+                             "after the variants; e.g. 0 0.01 0.1 1")
     args = parser.parse_args()
     if any(item.startswith("seed=") or item.startswith("output_dir=") for item in args.set):
         raise SystemExit("--set: seed and output_dir are set by the suite (use --seeds and --out)")
@@ -247,6 +306,10 @@ def main():
     print()
     print(markdown(results))
     print(f"written: {args.out}/results.md, {args.out}/results.json ({time.perf_counter() - t0:.0f} s)")
+    if args.coupling:
+        coupling_sweep(Path(args.out), args.coupling, args.seeds, args.set, args.nprocs, args.timeout, args.table_only)
+        print((Path(args.out) / "coupling.md").read_text())
+        print(f"written: {args.out}/coupling.md, coupling.json, coupling.png")
 
 
 if __name__ == "__main__":

@@ -405,3 +405,43 @@ def test_verdict_ships_the_first_option_reaching_090(merged, single, ship, tmp_p
     assert [v["options"][k]["worst_retention"] for k in ("merged", "single", "bundle")] == [merged, single, 1.0]
     assert v["options"]["bundle"]["serve"].startswith(
         f"vllm serve {tmp_path / 'out' / 'full_model'} --enable-lora --max-loras 2 --max-lora-rank 8 --lora-modules copy=")
+
+
+@pytest.mark.dist
+def test_shared_a_soft_run_with_coupling_trains_b_only_and_merges_exactly(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """Real ZeRO-3 on 2 CPU ranks, sharing=soft with lora.shared_a and soft.coupling: the saved task adapters
+    hold the one seeded A untouched and trained B, stock PEFT loads them, and the factor-wise linear merge
+    (allowed: one A) is exactly the sum of both updates."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from dist import launch
+    from mtl_scale import adapters
+    from mtl_scale.config import LoraConfig, ModelConfig
+    from mtl_scale.model import load_model
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("tasks:\n" + "".join(f"  - {{name: {t}, source: 'builtin:{t}', num_examples: 24, eval_size: 4}}\n"
+                                        for t in TASKS) +
+                   f"sharing: soft\nlora: {{r: 8, shared_a: true}}\nsoft: {{coupling: 0.1}}\nmax_steps: 3\n"
+                   f"micro_batch_size: 4\nlr: 1.0e-2\nsampling: {{strategy: uniform, tasks_per_step: 2}}\n"
+                   f"eval: {{max_examples: 2}}\noutput_dir: {tmp_path / 'out'}\n")
+    launch("launch/train.py", ["--config", str(cfg)], timeout=400)
+    out = tmp_path / "out"
+    states = {t: load_file(out / "adapters" / t / "adapter_model.safetensors") for t in TASKS}
+    init = adapters.attach_adapters(load_model(ModelConfig(), str(tiny_model_dir)),
+                                    LoraConfig(r=8, shared_a=True), list(TASKS), seed=0)
+    init_a = {k: v for k, v in adapters.gathered_adapter_state(init, "copy").items() if ".lora_A." in k}
+    for key, a in init_a.items():
+        assert torch.equal(states["copy"][key], a) and torch.equal(states["reverse"][key], a), key
+    b_keys = [k for k in states["copy"] if ".lora_B." in k]
+    assert all(states[t][k].abs().sum() > 0 for t in TASKS for k in b_keys)  # B trained (it starts at 0)
+
+    model = PeftModel.from_pretrained(load_base(str(tiny_model_dir), "fp32"), str(out / "adapters" / "copy"),
+                                      adapter_name="copy")
+    model.load_adapter(str(out / "adapters" / "reverse"), adapter_name="reverse")
+    model.base_model.set_adapter(["copy", "reverse"])
+    both = _logits(model.eval(), tiny_tokenizer)
+    add_merged_adapter(model, list(TASKS), "linear", [1.0, 1.0], "merged")
+    model.set_adapter("merged")
+    torch.testing.assert_close(_logits(model, tiny_tokenizer), both, atol=1e-5, rtol=1e-5)
