@@ -198,6 +198,9 @@ def _surgery_and_coupling(cfg: RunConfig, model, names: list[str], stage: int):
         groups = [[per_adapter[i][adapters.rename_adapter_key(key, names[0], name)] for i, name in enumerate(names)]
                   for key in per_adapter[0]]
         coupling = Coupling(cfg.soft.coupling, groups)
+        if not cfg.lora.shared_a and torch.distributed.get_rank() == 0:
+            log.warning("soft.coupling without lora.shared_a pulls A and B toward their means separately, not the "
+                        "updates B·A: merged adapters keep cross terms. lora.shared_a=true couples B over one A")
     return surgery, coupling
 
 
