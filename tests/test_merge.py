@@ -426,7 +426,7 @@ def test_shared_a_soft_run_with_coupling_trains_b_only_and_merges_exactly(tmp_pa
                    f"sharing: soft\nlora: {{r: 8, shared_a: true}}\nsoft: {{coupling: 0.1}}\nmax_steps: 3\n"
                    f"micro_batch_size: 4\nlr: 1.0e-2\nsampling: {{strategy: uniform, tasks_per_step: 2}}\n"
                    f"eval: {{max_examples: 2}}\noutput_dir: {tmp_path / 'out'}\n")
-    launch("launch/train.py", ["--config", str(cfg)], timeout=400)
+    launch("launch/train.py", ["--config", str(cfg)], timeout=900)
     out = tmp_path / "out"
     states = {t: load_file(out / "adapters" / t / "adapter_model.safetensors") for t in TASKS}
     init = adapters.attach_adapters(load_model(ModelConfig(), str(tiny_model_dir)),
