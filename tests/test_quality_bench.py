@@ -82,7 +82,7 @@ def test_a_tiny_suite_reports_what_its_runs_measured(tmp_path, tiny_model_dir):
     best = report["best"]["method"]
     assert results["variants"]["soft-merged"]["merge_method"] == {"0": best}
     assert results["variants"]["soft-merged"]["exact_match"]["0"] == {
-        t: report["merged"][best][t]["exact_match"] for t in ("copy", "reverse")}
+        t: report["merged"][best][t]["score"] for t in ("copy", "reverse")}
     assert "| soft-merged (" + best + ") |" in (tmp_path / "results.md").read_text()
     # finished runs are reused: rebuilding the table runs nothing and gives the same results
     before = (tmp_path / "results.json").read_text()
