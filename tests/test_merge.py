@@ -356,6 +356,11 @@ def test_selection_split_is_disjoint_from_the_report_examples(fake_run, tiny_tok
         seen = {tuple(x) for x in val[t].held_out.input_ids}
         assert not seen & {tuple(x) for x in rep[t].held_out.input_ids}
         assert seen | {tuple(x) for x in rep[t].held_out.input_ids} == {tuple(x) for x in tasks[t].held_out.input_ids}
+        whole = tasks[t].held_out
+        for part, rows in ((val[t].held_out, slice(3, 6)), (rep[t].held_out, slice(0, 3))):
+            # every per-example field is cut alike: metric=choice reads prompt_texts, generation the overlaps
+            for name in ("input_ids", "labels", "prompt_lens", "references", "prompt_texts", "overlaps"):
+                assert getattr(part, name) == getattr(whole, name)[rows], name
     val, rep = split_for_selection(tasks, val_examples=2, eval_examples=1)
     assert len(val["copy"].held_out) == 2 and len(rep["copy"].held_out) == 1
     with pytest.raises(UserError, match=r"task 'copy' has 6 held-out examples; choosing a merge on 6 of them"):
