@@ -6,15 +6,19 @@ over several seeds, scored by per-task exact match on held-out examples.
     python -m bench.quality --table-only                     # rebuild the tables from finished runs
     python -m bench.quality --variants hard-sum-temp adaptive-progress adaptive-gap hard-dwa-temp   # adaptive
     python -m bench.quality --config bench/configs/transfer.yaml --variants single --seeds 0 --out runs/transfer
+    python -m bench.quality --variants soft-shareda-merged --coupling 0 0.01 0.1 1   # the coupling sweep
 
 Each (variant, seed) is a real run of the product, ``deepspeed --num_gpus 2 launch/train.py --config
 bench/configs/quality.yaml seed=S <the variant's overrides>``, under runs/quality/<variant>/seed<S>/;
 its exact match is the trainer's end-of-run evaluation (every held-out example of every task, with
-the adapter that task is served with). ``soft-merged`` merges each seed's soft adapters with
-mtl_scale.merge (all methods; the one with the best mean retention is reported, as ``launch/merge.py``
-would pick it). The gap-rule variants (``adaptive-gap``, ``soft-gap``, ``hybrid-pcgrad-gap``) steer toward
-the seed's single-task runs' final held-out losses (``sampling.reference``), so they train or reuse the
-``single`` runs first. The adaptive variants steer on
+the adapter that task is served with). A merged variant (``<run variant>-merged``: ``soft-merged``,
+``soft-shareda-merged``, ``hybrid-pcgrad-merged``) merges each seed's adapters of that variant with
+mtl_scale.merge and reports the merge ``launch/merge.py`` picks: every method and scale, chosen on half of
+each task's held-out examples, scored on the other half. The coupling sweep (``--coupling``) trains soft
+shared-A runs at each ``soft.coupling`` strength, merges each, and tables own-adapter against merged score
+per strength (``coupling.md``, ``coupling.png``: the Pareto plot). The gap-rule variants (``adaptive-gap``,
+``soft-gap``, ``hybrid-pcgrad-gap``) steer toward the seed's single-task runs' final held-out losses
+(``sampling.reference``), so they train or reuse the ``single`` runs first. The adaptive variants steer on
 train losses only (``eval.every_steps: 0``): steering on held-out loss would let the scored examples shape
 the training. Finished runs are reused, so an interrupted suite continues where it stopped.
 
@@ -44,6 +48,7 @@ VARIANTS = {
                       "sampling.strategy=temperature"],
     "hard-pcgrad-temp": ["sharing=hard", "surgery.method=pcgrad", "sampling.strategy=temperature"],
     "soft": ["sharing=soft", "sampling.strategy=temperature"],
+    "soft-shareda": ["sharing=soft", "sampling.strategy=temperature", "lora.shared_a=true"],
     "hybrid-pcgrad": ["sharing=hybrid", "surgery.method=pcgrad", "sampling.strategy=temperature"],
     # Adaptive balancing (docs/TRAINING.md), each against hard-sum-temp: the same run but for the one knob.
     "adaptive-progress": ["sharing=hard", "surgery.method=sum", "surgery.telemetry=true",
@@ -61,8 +66,10 @@ VARIANTS = {
 }
 # "single": one run per task, alone, with one micro-batch per step (tasks_per_step=1) for the same
 # number of steps, so the K single-task runs together cost what one multi-task run costs and each
-# task sees as many examples as uniform sampling would give it. "soft-merged": the soft runs, merged.
-ALL_VARIANTS = ["single", *VARIANTS, "soft-merged"]
+# task sees as many examples as uniform sampling would give it. "<variant>-merged": that variant's runs,
+# merged with launch/merge.py's choice.
+MERGED = {f"{v}-merged": v for v in ("soft", "soft-shareda", "hybrid-pcgrad")}
+ALL_VARIANTS = ["single", *VARIANTS, *MERGED]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,13 +113,14 @@ def final_scores(out: Path) -> dict[str, float]:
     return {k[len(prefix):]: v for k, v in final.items() if k.startswith(prefix)}
 
 
-def merge_soft(soft_run: Path, out: Path) -> tuple[dict[str, float], str, float]:
-    """Merge a soft run's adapters (every method), keep the best; per-task exact match, method, seconds."""
+def merge_scores(run: Path, out: Path) -> tuple[dict[str, float], str, float]:
+    """Merge a run's adapters (every method and scale), keep the best on validation; per-task score on the
+    report examples, method, seconds."""
     report_path = out / "merge_report.json"
     if not report_path.is_file():
         from mtl_scale.merge import merge_run
         t0 = time.perf_counter()
-        merge_run(soft_run, ["auto"], full_model=None, out_dir=out)
+        merge_run(run, ["auto"], full_model=None, out_dir=out)
         (out / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
     report = json.loads(report_path.read_text())
     best = report["best"]["method"]
@@ -169,6 +177,9 @@ def markdown(results: dict) -> str:
                      f" | {cell(s['mean'])} | {cell(s['worst'])} | {statistics.fmean(v['wall_s'].values()):.0f} s |")
     lines += ["", "Exact match (%) on 100 held-out examples per task, mean ± sample std over seeds "
               f"{', '.join(map(str, results['seeds']))}; *worst task* is each seed's lowest task, averaged."]
+    if any(name in MERGED for name in results["variants"]):
+        lines += ["Merged variants (their chosen methods in brackets) are scored on the report half of those "
+                  "examples; the other half chose each merge's method and scale."]
     cos = {n: v["telemetry"] for n, v in results["variants"].items() if v.get("telemetry")}
     if cos:
         pairs = sorted({p for t in cos.values() for p in t["pairs"]})
@@ -221,10 +232,10 @@ def run_suite(out_root: Path, variants: list[str], seeds: list[int], extra: list
                 for run in single_runs(out_root, cfg, seed, not_tasks, launch):
                     walls[seed] += float((run / "wall_s.txt").read_text())
                     em.update(final_scores(run))
-            elif variant == "soft-merged":
-                soft = out_root / "soft" / f"seed{seed}"
-                _train_or_read(soft, [f"seed={seed}", *extra, *VARIANTS["soft"]], launch)
-                em, methods[seed], walls[seed] = merge_soft(soft, out_root / "soft-merged" / f"seed{seed}")
+            elif variant in MERGED:
+                source = out_root / MERGED[variant] / f"seed{seed}"
+                _train_or_read(source, [f"seed={seed}", *extra, *VARIANTS[MERGED[variant]]], launch)
+                em, methods[seed], walls[seed] = merge_scores(source, out_root / variant / f"seed{seed}")
             else:
                 run = out_root / variant / f"seed{seed}"
                 overrides = [f"seed={seed}", *extra, *VARIANTS[variant]]
@@ -248,6 +259,52 @@ def run_suite(out_root: Path, variants: list[str], seeds: list[int], extra: list
         tmp.write_text(text)
         tmp.rename(out_root / name)
     return results
+
+
+def coupling_sweep(out_root: Path, strengths: list[float], seeds: list[int], extra: list[str],
+                   launch: Launch) -> dict:
+    """Soft shared-A runs at each coupling strength, each merged: own-adapter vs merged score, both on the
+    merge report's examples, per strength (mean over seeds and tasks; worst = lowest retention)."""
+    rows = {}
+    for strength in strengths:
+        per_seed = []
+        for seed in seeds:
+            run = out_root / f"soft-shareda-c{strength:g}" / f"seed{seed}"
+            _train_or_read(run, [f"seed={seed}", *extra, *VARIANTS["soft-shareda"], f"soft.coupling={strength}"],
+                           launch)
+            merge_scores(run, run.parent / f"merged-seed{seed}")
+            report = json.loads((run.parent / f"merged-seed{seed}" / "merge_report.json").read_text())
+            best = report["best"]["method"]
+            per_seed.append({"own": statistics.fmean(r["score"] for r in report["own"].values()),
+                             "merged": statistics.fmean(r["score"] for r in report["merged"][best].values()),
+                             "worst_retention": report["best"]["worst_retention"], "method": best,
+                             "scale": report["best"]["scale"]})
+        row = rows[f"{strength:g}"] = {"seeds": per_seed, **{k: statistics.fmean(s[k] or 0.0 for s in per_seed)
+                                                              for k in ("own", "merged", "worst_retention")}}
+        print(f"coupling {strength:g}: own {100 * row['own']:.1f}%, merged {100 * row['merged']:.1f}%", flush=True)
+    lines = ["| soft.coupling | own-adapter score | merged score | worst-task retention | merges (method x scale) |",
+             "|---:|---:|---:|---:|---|"]
+    for k, r in rows.items():
+        merges = ", ".join(f"{s['method']} x{s['scale']:g}" for s in r["seeds"])
+        lines.append(f"| {k} | {100 * r['own']:.1f}% | {100 * r['merged']:.1f}% | {r['worst_retention']:.2f} "
+                     f"| {merges} |")
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "coupling.json").write_text(json.dumps(rows, indent=2))
+    (out_root / "coupling.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot([100 * r["own"] for r in rows.values()], [100 * r["merged"] for r in rows.values()], "o-")
+    for k, r in rows.items():
+        ax.annotate(f"λ={k}", (100 * r["own"], 100 * r["merged"]))
+    ax.set_xlabel("own-adapter score (%)")
+    ax.set_ylabel("merged score (%)")
+    ax.set_title("soft, shared A: coupling strength")
+    fig.tight_layout()
+    fig.savefig(out_root / "coupling.png", dpi=120)
+    plt.close(fig)
+    return rows
 
 
 def single_runs(out_root: Path, cfg, seed: int, not_tasks: list[str], launch: Launch) -> list[Path]:
@@ -282,15 +339,22 @@ def main():
     parser.add_argument("--table-only", action="store_true", help="only rebuild results from finished runs")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for every run, e.g. max_steps=100 (tasks.<i>.<key> reach single runs too)")
+    parser.add_argument("--coupling", nargs="+", type=float,
+                        help="run the coupling sweep at these soft.coupling strengths (soft, lora.shared_a), "
+                             "after the variants; e.g. 0 0.01 0.1 1")
     args = parser.parse_args()
     if any(item.startswith("seed=") or item.startswith("output_dir=") for item in args.set):
         raise SystemExit("--set: seed and output_dir are set by the suite (use --seeds and --out)")
     t0 = time.perf_counter()
-    results = run_suite(Path(args.out), args.variants, args.seeds, args.set,
-                        Launch(args.config, args.nprocs, args.timeout, args.table_only))
+    launch = Launch(args.config, args.nprocs, args.timeout, args.table_only)
+    results = run_suite(Path(args.out), args.variants, args.seeds, args.set, launch)
     print()
     print(markdown(results))
     print(f"written: {args.out}/results.md, {args.out}/results.json ({time.perf_counter() - t0:.0f} s)")
+    if args.coupling:
+        coupling_sweep(Path(args.out), args.coupling, args.seeds, args.set, launch)
+        print((Path(args.out) / "coupling.md").read_text())
+        print(f"written: {args.out}/coupling.md, coupling.json, coupling.png")
 
 
 if __name__ == "__main__":

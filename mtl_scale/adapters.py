@@ -4,7 +4,8 @@
 - soft sharing: one adapter per task, named after the task;
 - hybrid: ``shared`` plus a small adapter per task; a task's micro-batches use both.
 
-All adapters are trainable from the start and stay so: DeepSpeed registers its gradient hooks and
+All adapters are trainable from the start and stay so (but for the frozen shared A of
+``lora.shared_a``, frozen from the start): DeepSpeed registers its gradient hooks and
 optimizer groups once, at ``initialize``. Switching tasks therefore only changes which adapter the
 LoRA layers *use* (``_active_adapter``), never ``requires_grad`` (PEFT's ``set_adapter`` would).
 An inactive adapter takes no part in the forward pass, so its gradient is exactly zero.
@@ -36,7 +37,8 @@ def attach_adapters(model, lora_cfg, names: list[str], seed: int, task_r: int | 
     """Wrap ``model`` in a PeftModel holding one LoRA adapter per name, all trainable.
 
     Seeded so that every rank initialises identical adapters. With ``task_r``, every adapter but
-    ``shared`` gets that rank (hybrid sharing).
+    ``shared`` gets that rank (hybrid sharing). With ``lora_cfg.shared_a``, every adapter but ``shared``
+    gets the first task adapter's (seeded, random) A, frozen: see :func:`share_a`.
     """
     import peft
 
@@ -53,8 +55,30 @@ def attach_adapters(model, lora_cfg, names: list[str], seed: int, task_r: int | 
         pm.add_adapter(name, config(rank_of(name)))
     for n, p in pm.named_parameters():
         p.requires_grad = "lora_" in n
+    if lora_cfg.shared_a:
+        share_a(pm, [n for n in names if n != SHARED])
     activate(pm, names[0])
     return pm
+
+
+def share_a(model, names: list[str]) -> None:
+    """Give adapters ``names`` one A per LoRA layer (the first one's) and freeze it: their updates
+    B_t·A then live in one row space, and Σ_t w_t·B_t·A = (Σ_t w_t·B_t)·A, so averaging B is exact task
+    arithmetic. A stays frozen because a trained A would drift apart per task. Before
+    ``deepspeed.initialize``: the optimizer only ever sees the B matrices."""
+    for layer in tuner_layers(model):
+        first = layer.lora_A[names[0]].weight
+        for name in names:
+            a = layer.lora_A[name].weight
+            with torch.no_grad():
+                a.copy_(first)
+            a.requires_grad = False
+
+
+def trainable(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
+    """The parameters the optimizer steps (the frozen A of ``lora.shared_a`` has no gradient nor optimizer
+    state: surgery, coupling and absent-adapter bookkeeping must skip it)."""
+    return {n: p for n, p in params.items() if p.requires_grad}
 
 
 def _targets(modules: list[str]):

@@ -68,6 +68,10 @@ class LoraConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Module names (suffixes) that get a LoRA adapter, or ["all-linear"]."""
+    shared_a: bool = False
+    """Every per-task adapter (soft, and hybrid's task adapters) uses one frozen random A per module, the
+    same in all of them; only B trains. Their updates B_t·A then add without cross terms, so factor-wise
+    merges (linear, ties, dare) of B are exact task arithmetic (LoRA-FA / FFA-LoRA)."""
 
 
 @dataclass
@@ -164,7 +168,9 @@ class HybridConfig:
 @dataclass
 class SoftConfig:
     coupling: float = 0.0
-    """λ of the regulariser λ·Σ_t ||θ_t − mean(θ)||² pulling task adapters together (sharing=soft)."""
+    """λ of the regulariser λ·Σ_t ||θ_t − mean(θ)||² pulling task adapters together (sharing=soft), on the
+    trainable factors: with lora.shared_a that is B alone, so the pull is on B_t·A up to A's conditioning;
+    without it, on A and B separately."""
 
 
 @dataclass
@@ -401,6 +407,9 @@ def validate(cfg: RunConfig, where: str = "<config>") -> None:
     if cfg.surgery.method != "sum" and cfg.sharing == "soft":
         raise ConfigError(f"{where}: surgery.method={cfg.surgery.method} acts on the adapter the tasks share, and "
                           "sharing=soft has none; use sharing=hard or sharing=hybrid, or surgery.method=sum")
+    if cfg.lora.shared_a and cfg.sharing == "hard":
+        raise ConfigError(f"{where}: lora.shared_a shares A between per-task adapters, and sharing=hard has one "
+                          "adapter; use sharing=soft or sharing=hybrid, or lora.shared_a=false")
     if cfg.soft.coupling and cfg.sharing != "soft":
         raise ConfigError(f"{where}: soft.coupling couples per-task adapters; it needs sharing=soft")
     for key in ("max_steps", "micro_batch_size", "max_seq_len", "lora.r", "sampling.tasks_per_step",

@@ -203,10 +203,13 @@ def _surgery_and_coupling(cfg: RunConfig, model, names: list[str], stage: int):
         shared = list(adapters.lora_parameters(model, adapters.SHARED).values())
         surgery = Surgery(cfg.surgery.method, shared, cfg.seed)
     if cfg.soft.coupling:
-        per_adapter = [adapters.lora_parameters(model, name) for name in names]
+        per_adapter = [adapters.trainable(adapters.lora_parameters(model, name)) for name in names]
         groups = [[per_adapter[i][adapters.rename_adapter_key(key, names[0], name)] for i, name in enumerate(names)]
                   for key in per_adapter[0]]
         coupling = Coupling(cfg.soft.coupling, groups)
+        if not cfg.lora.shared_a and torch.distributed.get_rank() == 0:
+            log.warning("soft.coupling without lora.shared_a pulls A and B toward their means separately, not the "
+                        "updates B·A: merged adapters keep cross terms. lora.shared_a=true couples B over one A")
     return surgery, coupling
 
 
@@ -256,7 +259,8 @@ def absent_parameters(run: Run, groups) -> list[torch.nn.Parameter]:
     if run.cfg.sharing == "hard" or run.coupling is not None:
         return []
     if not run.adapter_params:  # named_parameters() walks the whole model: once per run, not per step
-        run.adapter_params = {n: list(adapters.lora_parameters(run.model, n).values()) for n in run.adapter_names}
+        run.adapter_params = {n: list(adapters.trainable(adapters.lora_parameters(run.model, n)).values())
+                              for n in run.adapter_names}
     used = {name for task, _ in groups for name in adapters.adapters_for_task(run.cfg.sharing, task)}
     return [p for name, params in run.adapter_params.items() if name not in used for p in params]
 

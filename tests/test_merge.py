@@ -9,14 +9,18 @@ import yaml
 
 from mtl_scale.config import RunConfig, TaskConfig, to_dict
 from mtl_scale.errors import UserError
-from mtl_scale.merge import METHODS, add_merged_adapter, load_base, merge_run, save_adapter_dir, save_full_model, \
-    serving_warnings
+from mtl_scale.merge import DELTA_METHODS, FACTOR_METHODS, add_merged_adapter, load_base, merge_run, \
+    save_adapter_dir, save_full_model, serving_warnings, split_for_selection, verdict
 
 TASKS = ["copy", "reverse"]
 
 
-def _peft_with_adapters(model_dir, ranks):
+def _peft_with_adapters(model_dir, ranks, shared_a=False):
+    """A PeftModel holding one adapter per name, every B random (a real update). ``shared_a``: every
+    adapter gets the first one's A, as lora.shared_a trains them."""
     import peft
+
+    from mtl_scale.adapters import share_a
 
     base = load_base(str(model_dir), "fp32")
     model = None
@@ -30,6 +34,8 @@ def _peft_with_adapters(model_dir, ranks):
         for n, p in model.named_parameters():  # B starts at 0: give every adapter a real update
             if f"lora_B.{name}." in n:
                 p.data = 0.05 * torch.randn(p.shape, generator=gen)
+    if shared_a:
+        share_a(model, list(ranks))
     return model.eval()
 
 
@@ -53,16 +59,20 @@ def _logits(model, tok):
 
 
 def test_every_method_runs_and_report_has_retention(fake_run, tmp_path):
-    report = merge_run(fake_run, ["auto"], full_model=None, out_dir=tmp_path)
-    assert sorted(report["merged"]) == sorted(METHODS) and not report["errors"]
-    for method in METHODS:
+    """auto: every ΔW method; the factor-wise ones are skipped, with the reason, for adapters of different A."""
+    report = merge_run(fake_run, ["auto"], full_model=None, out_dir=tmp_path, scales=[1.0, 0.5])
+    assert sorted(report["merged"]) == sorted(DELTA_METHODS)
+    assert sorted(report["errors"]) == sorted(FACTOR_METHODS)
+    assert all("lora.shared_a=true" in e for e in report["errors"].values())
+    for method in DELTA_METHODS:
         assert (tmp_path / "adapters" / method / "adapter_model.safetensors").is_file()
         for t in TASKS:
             m = report["merged"][method][t]
-            assert 0 <= m["exact_match"] <= 1 and m["loss"] > 0
-            own = report["own"][t]["exact_match"]
-            assert report["retention"][method][t] == (m["exact_match"] / own if own else None)
-    assert report["best"]["method"] in METHODS and "highest mean score retention" in report["best"]["why"]
+            assert 0 <= m["score"] <= 1 and m["loss"] > 0
+            own = report["own"][t]["score"]
+            assert report["retention"][method][t] == (m["score"] / own if own else None)
+    assert report["best"]["method"] in DELTA_METHODS
+    assert "highest mean score retention on the validation examples" in report["best"]["why"]
     text = (tmp_path / "merge_report.md").read_text()
     assert "| copy |" in text and "retention" in text and "Serving checks" in text
     assert json.loads((tmp_path / "merge_report.json").read_text())["best"] == report["best"]
@@ -73,11 +83,11 @@ def test_eval_subset_and_only_this_runs_adapters(fake_run, tiny_model_dir, tmp_p
     stale = fake_run / "adapters" / "shared"  # left by an earlier hard-sharing run in the same output_dir
     shutil.copytree(fake_run / "adapters" / "copy", stale)
     try:
-        report = merge_run(fake_run, ["linear"], full_model=None, eval_examples=3, out_dir=tmp_path)
+        report = merge_run(fake_run, ["cat"], full_model=None, eval_examples=2, out_dir=tmp_path, scales=[1.0])
     finally:
         shutil.rmtree(stale)
     assert "shared" not in report["serving"] and report["own"]["copy"]["adapter"] == "copy"
-    assert report["own"]["copy"]["n"] == 3 and report["merged"]["linear"]["reverse"]["n"] == 3
+    assert report["own"]["copy"]["n"] == 2 and report["merged"]["cat"]["reverse"]["n"] == 2
 
 
 def test_identity_merge_reproduces_the_adapter(tiny_model_dir, tiny_tokenizer):
@@ -94,11 +104,47 @@ def test_cat_is_the_exact_sum_of_updates_and_linear_is_not(tiny_model_dir, tiny_
     model.base_model.set_adapter(["copy", "reverse"])  # both applied: base + ΔW_copy + ΔW_reverse
     both = _logits(model, tiny_tokenizer)
     add_merged_adapter(model, ["copy", "reverse"], "cat", [1.0, 1.0], "cat")
-    add_merged_adapter(model, ["copy", "reverse"], "linear", [1.0, 1.0], "lin")
-    model.set_adapter("cat")
-    torch.testing.assert_close(_logits(model, tiny_tokenizer), both, atol=1e-5, rtol=1e-5)
+    add_merged_adapter(model, ["copy", "reverse"], "svd", [1.0, 1.0], "svd")  # default rank 16 holds the sum
+    model.add_weighted_adapter(["copy", "reverse"], [1.0, 1.0], "lin", combination_type="linear")  # PEFT, unguarded
+    for name in ("cat", "svd"):
+        model.set_adapter(name)
+        torch.testing.assert_close(_logits(model, tiny_tokenizer), both, atol=1e-4, rtol=1e-4)
     model.set_adapter("lin")  # combines A and B separately: cross terms B_copy·A_reverse appear
     assert (_logits(model, tiny_tokenizer) - both).abs().max() > 1e-4
+    with pytest.raises(UserError, match=r"merge method linear combines A and B separately; adapters copy, reverse "
+                                        r"have different A.*lora.shared_a=true"):
+        add_merged_adapter(model, ["copy", "reverse"], "linear", [1.0, 1.0], "refused")
+
+
+def test_global_scale_scales_the_summed_update(tiny_model_dir, tiny_tokenizer):
+    """cat with weights s: base + s·(ΔW_copy + ΔW_reverse), checked against the same sum built by hand."""
+    model = _peft_with_adapters(tiny_model_dir, {"copy": 8, "reverse": 8})
+    add_merged_adapter(model, ["copy", "reverse"], "cat", [0.5, 0.5], "scaled")
+    model.set_adapter("scaled")
+    got = _logits(model, tiny_tokenizer)
+    for n, p in model.named_parameters():  # halve both B: the applied pair is then exactly 0.5·(ΔW_1 + ΔW_2)
+        if ".lora_B.copy." in n or ".lora_B.reverse." in n:
+            p.data *= 0.5
+    model.base_model.set_adapter(["copy", "reverse"])
+    torch.testing.assert_close(got, _logits(model, tiny_tokenizer), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", FACTOR_METHODS)
+def test_factor_methods_on_shared_a_merge_b_only(method, tiny_model_dir, tiny_tokenizer):
+    """With one A, linear is exactly Σ w·ΔW (no cross terms, no √w); ties/dare keep A and act on B."""
+    model = _peft_with_adapters(tiny_model_dir, {"copy": 8, "reverse": 8}, shared_a=True)
+    model.base_model.set_adapter(["copy", "reverse"])
+    both = _logits(model, tiny_tokenizer)
+    add_merged_adapter(model, ["copy", "reverse"], method, [1.0, 1.0], "m", density=0.5)
+    model.set_adapter("m")
+    got = _logits(model, tiny_tokenizer)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(layer.lora_A["m"].weight, layer.lora_A["copy"].weight * layer.scaling["copy"])
+    if method == "linear":
+        torch.testing.assert_close(got, both, atol=1e-5, rtol=1e-5)
+    else:  # pruning B changes the update, but the merge exists and differs from the base
+        with model.disable_adapter():
+            assert (_logits(model, tiny_tokenizer) - got).abs().max() > 1e-4
 
 
 def test_unequal_ranks_guard(tiny_model_dir):
@@ -176,7 +222,8 @@ def test_merge_run_loads_the_base_once_and_folds_the_best_merge_into_it(fake_run
         return real(cls, *args, **kwargs)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting))
-    report = merge_run(fake_run, ["linear", "cat"], eval_examples=2, out_dir=tmp_path)
+    report = merge_run(fake_run, ["linear", "cat"], eval_examples=2, out_dir=tmp_path, scales=[1.0])
+    assert "lora.shared_a" in report["errors"]["linear"]
     assert loads == [str(tiny_model_dir)]
     monkeypatch.undo()
     best = report["best"]["method"]
@@ -231,3 +278,175 @@ def test_launchers_default_to_device_map_auto(script, monkeypatch, tmp_path):
         with pytest.raises(Loaded) as e:
             runpy.run_path(str(root / script), run_name="__main__")
         assert e.value.args[0] == expected
+
+
+@pytest.fixture(scope="module")
+def fake_hybrid_run(tiny_model_dir, tmp_path_factory):
+    """A hybrid run as the trainer leaves it: adapters/shared (r 8) and adapters/<task> (task_r 4)."""
+    run = tmp_path_factory.mktemp("hybrid_run")
+    cfg = RunConfig(tasks=[TaskConfig(name=t, source=f"builtin:{t}", num_examples=20, eval_size=4) for t in TASKS],
+                    sharing="hybrid", output_dir=str(run))
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    model = _peft_with_adapters(tiny_model_dir, {"shared": 8, **{t: 4 for t in TASKS}})
+    for name in ("shared", *TASKS):
+        save_adapter_dir(model, name, run / "adapters" / name, str(tiny_model_dir))
+    return run
+
+
+def _hybrid_reference(tiny_model_dir, run, tok):
+    """What training computed for each task: base + shared + task adapter, both applied."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_base(str(tiny_model_dir), "fp32"), str(run / "adapters" / "shared"),
+                                      adapter_name="shared")
+    for t in TASKS:
+        model.load_adapter(str(run / "adapters" / t), adapter_name=t)
+    out = {}
+    for t in TASKS:
+        model.base_model.set_adapter(["shared", t])
+        out[t] = _logits(model.eval(), tok)
+    return out
+
+
+def test_hybrid_run_merges_and_both_exports_match_shared_plus_task(fake_hybrid_run, tiny_model_dir, tiny_tokenizer,
+                                                                   tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    report = merge_run(fake_hybrid_run, ["cat", "svd"], eval_examples=2, out_dir=tmp_path, scales=[1.0, 0.5])
+    assert sorted(report["merged"]) == ["cat", "svd"] and not report["errors"]
+    assert report["own"]["copy"]["adapter"] == "shared+copy"
+    expected = _hybrid_reference(tiny_model_dir, fake_hybrid_run, tiny_tokenizer)
+    # (a) the shared adapter folded into a full checkpoint that stock transformers loads, task adapters on top
+    assert report["full_model"]["from_adapter"] == str(fake_hybrid_run / "adapters" / "shared")
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full_model")
+    for t in TASKS:
+        cfg = json.loads((tmp_path / "hybrid" / "on_full" / t / "adapter_config.json").read_text())
+        assert cfg["base_model_name_or_path"] == str(tmp_path / "full_model")
+    on_full = PeftModel.from_pretrained(full, str(tmp_path / "hybrid" / "on_full" / "copy"), adapter_name="copy")
+    on_full.load_adapter(str(tmp_path / "hybrid" / "on_full" / "reverse"), adapter_name="reverse")
+    for t in TASKS:
+        on_full.set_adapter(t)
+        torch.testing.assert_close(_logits(on_full.eval(), tiny_tokenizer), expected[t], atol=1e-4, rtol=1e-4)
+    # (b) cat(shared, task) on the untouched base: one adapter per request, rank 8 + 4 padded to vLLM's 16
+    for t in TASKS:
+        d = tmp_path / "hybrid" / "cat" / t
+        assert json.loads((d / "adapter_config.json").read_text())["r"] == 16 and serving_warnings(d) == []
+        cat = PeftModel.from_pretrained(load_base(str(tiny_model_dir), "fp32"), str(d)).eval()
+        torch.testing.assert_close(_logits(cat, tiny_tokenizer), expected[t], atol=1e-4, rtol=1e-4)
+    # the merged adapter holds the shared adapter whole plus the scaled task merge; the verdict names all options
+    v = report["verdict"]
+    assert set(v["options"]) == {"merged", "single", "bundle"} and v["ship"] in v["options"]
+    known = [r for r in report["shared_only_retention"].values() if r is not None]
+    assert v["options"]["single"]["worst_retention"] == (min(known) if known else None)
+    assert "--enable-lora --max-loras 2 --max-lora-rank 8" in v["options"]["bundle"]["serve"]
+    assert str(tmp_path / "full_model") in v["options"]["bundle"]["serve"]
+    text = (tmp_path / "merge_report.md").read_text()
+    assert "## Verdict" in text and "Hybrid exports" in text
+
+
+def test_selection_split_is_disjoint_from_the_report_examples(fake_run, tiny_tokenizer):
+    from mtl_scale.config import load_config
+    from mtl_scale.data.prepare import prepare_tasks
+
+    tasks = prepare_tasks(load_config(fake_run / "config.yaml"), tiny_tokenizer)
+    val, rep = split_for_selection(tasks, val_examples=None, eval_examples=None)
+    for t in TASKS:
+        assert len(val[t].held_out) == 3 and len(rep[t].held_out) == 3  # eval_size 6: half each
+        seen = {tuple(x) for x in val[t].held_out.input_ids}
+        assert not seen & {tuple(x) for x in rep[t].held_out.input_ids}
+        assert seen | {tuple(x) for x in rep[t].held_out.input_ids} == {tuple(x) for x in tasks[t].held_out.input_ids}
+        whole = tasks[t].held_out
+        for part, rows in ((val[t].held_out, slice(3, 6)), (rep[t].held_out, slice(0, 3))):
+            # every per-example field is cut alike: metric=choice reads prompt_texts, generation the overlaps
+            for name in ("input_ids", "labels", "prompt_lens", "references", "prompt_texts", "overlaps"):
+                assert getattr(part, name) == getattr(whole, name)[rows], name
+    val, rep = split_for_selection(tasks, val_examples=2, eval_examples=1)
+    assert len(val["copy"].held_out) == 2 and len(rep["copy"].held_out) == 1
+    with pytest.raises(UserError, match=r"task 'copy' has 6 held-out examples; choosing a merge on 6 of them"):
+        split_for_selection(tasks, val_examples=6)
+
+
+def test_the_scale_is_chosen_on_validation(fake_run, tmp_path, monkeypatch):
+    """Every scale is scored on the validation examples only, and the one kept is the best there."""
+    import mtl_scale.merge as merge
+
+    seen = []
+    real = merge.evaluate_model
+
+    def recording(model, tok, tasks, cfg, only=None):
+        seen.append({t: tuple(map(tuple, d.held_out.input_ids)) for t, d in tasks.items()})
+        return real(model, tok, tasks, cfg, only=only)
+
+    monkeypatch.setattr(merge, "evaluate_model", recording)
+    report = merge_run(fake_run, ["cat"], full_model=None, out_dir=tmp_path, scales=[1.0, 0.25])
+    tried = report["validation"]["cat"]["tried"]
+    assert sorted(tried) == ["0.25", "1"]
+    best = max(tried.values(), key=merge._rank_key)
+    assert report["validation"]["cat"]["scale"] == best["scale"] == report["best"]["scale"]
+    assert report["split"] == {"validation": {"copy": 3, "reverse": 3}, "report": {"copy": 3, "reverse": 3}}
+    # two kinds of example sets were evaluated, and they never overlap
+    kinds = {frozenset(s["copy"]) for s in seen if "copy" in s}
+    assert len(kinds) == 2 and not set.intersection(*map(set, kinds))
+
+
+def _adapter_dir(root, name, r):
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "adapter_config.json").write_text(json.dumps({"r": r, "target_modules": ["q_proj"]}))
+    return d
+
+
+@pytest.mark.parametrize("merged,single,ship", [(0.95, 0.5, "merged"), (0.8, 0.92, "single"), (0.8, 0.5, "bundle")])
+def test_verdict_ships_the_first_option_reaching_090(merged, single, ship, tmp_path):
+    for t in TASKS:
+        _adapter_dir(tmp_path / "adapters", t, 4)
+    cfg = RunConfig(tasks=[TaskConfig(name=t, source=f"builtin:{t}") for t in TASKS], sharing="hybrid")
+    report = {"best": {"method": "cat", "scale": 1.0, "worst_retention": merged},
+              "shared_only_retention": {"copy": single, "reverse": 1.0},
+              "hybrid_exports": {"on_full": {t: str(tmp_path / "adapters" / t) for t in TASKS}}}
+    v = verdict(report, cfg, ["shared", *TASKS], tmp_path / "adapters", tmp_path / "out", "base")
+    assert v["ship"] == ship
+    assert [v["options"][k]["worst_retention"] for k in ("merged", "single", "bundle")] == [merged, single, 1.0]
+    assert v["options"]["bundle"]["serve"].startswith(
+        f"vllm serve {tmp_path / 'out' / 'full_model'} --enable-lora --max-loras 2 --max-lora-rank 8 --lora-modules copy=")
+
+
+@pytest.mark.dist
+def test_shared_a_soft_run_with_coupling_trains_b_only_and_merges_exactly(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """Real ZeRO-3 on 2 CPU ranks, sharing=soft with lora.shared_a and soft.coupling: the saved task adapters
+    hold the one seeded A untouched and trained B, stock PEFT loads them, and the factor-wise linear merge
+    (allowed: one A) is exactly the sum of both updates."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from dist import launch
+    from mtl_scale import adapters
+    from mtl_scale.config import LoraConfig, ModelConfig
+    from mtl_scale.model import load_model
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("tasks:\n" + "".join(f"  - {{name: {t}, source: 'builtin:{t}', num_examples: 24, eval_size: 4}}\n"
+                                        for t in TASKS) +
+                   f"sharing: soft\nlora: {{r: 8, shared_a: true}}\nsoft: {{coupling: 0.1}}\nmax_steps: 3\n"
+                   f"micro_batch_size: 4\nlr: 1.0e-2\nsampling: {{strategy: uniform, tasks_per_step: 2}}\n"
+                   f"eval: {{max_examples: 2}}\noutput_dir: {tmp_path / 'out'}\n")
+    launch("launch/train.py", ["--config", str(cfg)], timeout=900)
+    out = tmp_path / "out"
+    states = {t: load_file(out / "adapters" / t / "adapter_model.safetensors") for t in TASKS}
+    init = adapters.attach_adapters(load_model(ModelConfig(), str(tiny_model_dir)),
+                                    LoraConfig(r=8, shared_a=True), list(TASKS), seed=0)
+    init_a = {k: v for k, v in adapters.gathered_adapter_state(init, "copy").items() if ".lora_A." in k}
+    for key, a in init_a.items():
+        assert torch.equal(states["copy"][key], a) and torch.equal(states["reverse"][key], a), key
+    b_keys = [k for k in states["copy"] if ".lora_B." in k]
+    assert all(states[t][k].abs().sum() > 0 for t in TASKS for k in b_keys)  # B trained (it starts at 0)
+
+    model = PeftModel.from_pretrained(load_base(str(tiny_model_dir), "fp32"), str(out / "adapters" / "copy"),
+                                      adapter_name="copy")
+    model.load_adapter(str(out / "adapters" / "reverse"), adapter_name="reverse")
+    model.base_model.set_adapter(["copy", "reverse"])
+    both = _logits(model.eval(), tiny_tokenizer)
+    add_merged_adapter(model, list(TASKS), "linear", [1.0, 1.0], "merged")
+    model.set_adapter("merged")
+    torch.testing.assert_close(_logits(model, tiny_tokenizer), both, atol=1e-5, rtol=1e-5)

@@ -82,7 +82,7 @@ def test_a_tiny_suite_reports_what_its_runs_measured(tmp_path, tiny_model_dir):
     best = report["best"]["method"]
     assert results["variants"]["soft-merged"]["merge_method"] == {"0": best}
     assert results["variants"]["soft-merged"]["exact_match"]["0"] == {
-        t: report["merged"][best][t]["exact_match"] for t in ("copy", "reverse")}
+        t: report["merged"][best][t]["score"] for t in ("copy", "reverse")}
     assert "| soft-merged (" + best + ") |" in (tmp_path / "results.md").read_text()
     # finished runs are reused: rebuilding the table runs nothing and gives the same results
     before = (tmp_path / "results.json").read_text()
@@ -114,3 +114,26 @@ def test_adaptive_variants_run_and_gap_reads_the_single_runs(tmp_path, tiny_mode
     assert records[0]["sampling_prob/copy"] != records[-1]["sampling_prob/copy"]  # the controller moved p
     dwa = [json.loads(line) for line in (tmp_path / "hard-dwa-temp" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert all("loss_weight/copy" in r for r in dwa)
+
+
+def test_coupling_sweep_tables_own_against_merged_score(tmp_path):
+    """--coupling: per strength, own-adapter and merged score from each seed's merge report (mean over seeds
+    and tasks), the chosen merges, and the Pareto plot; finished runs are only read (--table-only)."""
+    for strength, own, merged in (("0", 0.8, 0.2), ("0.1", 0.6, 0.5)):
+        for seed in (0, 1):
+            run = tmp_path / f"soft-shareda-c{strength}" / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "wall_s.txt").write_text("1.0\n")
+            merge = run.parent / f"merged-seed{seed}"
+            merge.mkdir()
+            (merge / "wall_s.txt").write_text("2.0\n")
+            report = {"own": {"a": {"score": own}, "b": {"score": own + 0.1 * seed}},
+                      "merged": {"linear": {"a": {"score": merged}, "b": {"score": merged}}},
+                      "best": {"method": "linear", "scale": 0.5 + 0.5 * seed, "worst_retention": merged / own}}
+            (merge / "merge_report.json").write_text(json.dumps(report))
+    rows = quality.coupling_sweep(tmp_path, [0.0, 0.1], [0, 1], [], quality.Launch(table_only=True))
+    assert rows["0"]["own"] == pytest.approx((0.8 + 0.85) / 2) and rows["0"]["merged"] == pytest.approx(0.2)
+    assert rows["0.1"]["worst_retention"] == pytest.approx(0.5 / 0.6)
+    text = (tmp_path / "coupling.md").read_text()
+    assert "| 0.1 | 62.5% | 50.0% | 0.83 | linear x0.5, linear x1 |" in text
+    assert (tmp_path / "coupling.png").stat().st_size > 0

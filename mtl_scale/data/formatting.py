@@ -16,7 +16,7 @@ to stop.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -80,6 +80,11 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def rows(self, start: int, stop: int) -> Encoded:
+        """Examples ``start:stop``, every per-example field cut alike (the truncation counts stay the split's)."""
+        return replace(self, **{f.name: getattr(self, f.name)[start:stop] for f in fields(self)
+                                if isinstance(getattr(self, f.name), list)})
 
 
 def encode(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, truncation: str = "truncate") -> Encoded:
