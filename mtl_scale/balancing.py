@@ -205,11 +205,13 @@ class Balancer:
 
 def reference_losses(paths: list[str], tasks: list[str]) -> dict[str, float]:
     """Each task's reference loss for the gap rule, from eval.json files (launch/evaluate.py: the loss of the
-    adapter evaluated on the task) or run directories (the last ``eval/loss/<task>`` in metrics.jsonl).
-    The first path that has a task gives its reference; a task none has is an error."""
+    adapter evaluated on the task), run directories (the last ``eval/loss/<task>`` in metrics.jsonl), or
+    ``task=loss`` items (a number measured once and written into the config, as configs/demo.yaml does).
+    The first item that has a task gives its reference; a task none has is an error."""
     found: dict[str, float] = {}
     for path in paths:
-        for t, loss in _read_reference(Path(path)).items():
+        given = _given_reference(path)
+        for t, loss in (given if given is not None else _read_reference(Path(path))).items():
             if t in tasks:
                 found.setdefault(t, loss)
     missing = [t for t in tasks if t not in found]
@@ -218,6 +220,21 @@ def reference_losses(paths: list[str], tasks: list[str]) -> dict[str, float]:
                         f"(tasks without one: {', '.join(missing)}); give an eval.json or run directory that "
                         "evaluated every task")
     return found
+
+
+def _given_reference(item: str) -> dict[str, float] | None:
+    """``task=loss`` -> {task: loss}; None for anything else (a path)."""
+    task, sep, value = item.partition("=")
+    if not sep or "/" in task or not task:
+        return None
+    try:
+        loss = float(value)
+    except ValueError:
+        raise UserError(f"sampling.reference: {item!r} is not task=loss (a number after '='), an eval.json "
+                        "or a run directory") from None
+    if not loss >= 0:  # also refuses nan
+        raise UserError(f"sampling.reference: {item!r}: a reference loss is a number >= 0")
+    return {task: loss}
 
 
 def _read_reference(path: Path) -> dict[str, float]:

@@ -143,9 +143,9 @@ class SamplingConfig:
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
     """The controller of strategy=adaptive."""
     reference: list[str] = field(default_factory=list)
-    """Per-task reference losses for adaptive.rule=gap: eval.json files written by launch/evaluate.py, or run
-    directories (their metrics.jsonl's last eval/loss/<task>), e.g. the single-task runs; the first path that
-    has a task gives its reference."""
+    """Per-task reference losses for adaptive.rule=gap: eval.json files written by launch/evaluate.py, run
+    directories (their metrics.jsonl's last eval/loss/<task>), e.g. the single-task runs, or ``task=loss``
+    items (numbers measured once, e.g. ``add=0.52``); the first item that has a task gives its reference."""
 
 
 @dataclass
@@ -467,7 +467,7 @@ def _check_adaptive(cfg: RunConfig, where: str) -> None:
             raise ConfigError(f"{where}: {key} must be in [0, 1), got {_get(cfg, key)}")
     if s.strategy == "adaptive" and a.rule == "gap" and not s.reference:
         raise ConfigError(f"{where}: sampling.adaptive.rule=gap needs sampling.reference: eval.json files "
-                          "(launch/evaluate.py) or run directories holding each task's reference loss")
+                          "(launch/evaluate.py), run directories or task=loss items giving each task's reference loss")
     if s.reference and not (s.strategy == "adaptive" and a.rule == "gap"):
         raise ConfigError(f"{where}: sampling.reference is read only by sampling.strategy=adaptive with "
                           f"sampling.adaptive.rule=gap (here strategy={s.strategy}, rule={a.rule}); remove it")

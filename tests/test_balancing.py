@@ -144,6 +144,13 @@ def test_reference_from_eval_json_and_run_dirs(tmp_path):
     (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval/loss/c": 2.0}) + "\n" +
                                        json.dumps({"step": 20, "loss/c": 1.0, "eval/loss/c": 1.25}) + "\n")
     assert reference_losses([str(tmp_path / "eval.json"), str(run)], ["a", "b", "c"]) == {"a": 0.5, "b": 0.7, "c": 1.25}
+    # task=loss items, first item wins: a given number before the files, the files for the rest
+    assert reference_losses(["b=0.25", "c=1e-1", str(tmp_path / "eval.json")], ["a", "b", "c"]) == \
+        {"a": 0.5, "b": 0.25, "c": 0.1}
+    with pytest.raises(UserError, match=r"'add=low' is not task=loss"):
+        reference_losses(["add=low"], ["add"])
+    with pytest.raises(UserError, match=r"'add=-1': a reference loss is a number >= 0"):
+        reference_losses(["add=-1"], ["add"])
     with pytest.raises(UserError, match=r"no reference loss for task 'c' in .*eval.json \(tasks without one: c\)"):
         reference_losses([str(tmp_path / "eval.json")], ["a", "c"])
     with pytest.raises(UserError, match=r"is a directory without metrics.jsonl"):
