@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from mtl_scale import adapters, checkpoint, shared_fs, zero3_adapters
+from mtl_scale import adapters, batching, checkpoint, shared_fs, zero3_adapters
 from mtl_scale.config import RunConfig, to_dict
-from mtl_scale.data.formatting import collate, completion_tokens
+from mtl_scale.data.formatting import completion_tokens
 from mtl_scale.data.prepare import TaskData, data_summary, prepare_tasks
 from mtl_scale.ds_config import build_ds_config, gradient_accumulation_steps, zero_stage
 from mtl_scale.engine import Coupling, StepStats, Surgery, optimizer_step
@@ -58,6 +58,8 @@ class Run:
     micro_batches_seen: dict[str, int] = field(default_factory=dict)
     adapter_params: dict[str, list] = field(default_factory=dict)
     """Adapter name -> its trainable parameters (filled on first use)."""
+    batchers: dict[str, object] = field(default_factory=dict)
+    """Task -> how batching.mode grouped/packed cuts its shard's epochs into micro-batches (first use)."""
     consecutive_skips: int = 0
     stop_requested: bool = False
     """Set by SIGTERM; acted on (checkpoint, exit 0) at the end of the step, on every rank together."""
@@ -176,11 +178,22 @@ def setup(cfg: RunConfig) -> Run:
     sampler = TaskSampler({t: len(d.train) for t, d in tasks.items()}, cfg.sampling, cfg.seed, rank, world)
     surgery, coupling = _surgery_and_coupling(cfg, model, names, zero_stage(ds_config))
     if rank == 0:
-        log.info("world %d, ZeRO stage %d, sharing=%s, adapters %s, trainable parameters %d",
+        log.info("world %d, ZeRO stage %d, sharing=%s, adapters %s, trainable parameters %d, batching %s",
                  world, zero_stage(ds_config), cfg.sharing, adapters.adapter_names(cfg.sharing, list(tasks)),
-                 sum(getattr(p, "ds_numel", p.numel()) for p in trainable))
+                 sum(getattr(p, "ds_numel", p.numel()) for p in trainable), _batching_text(cfg))
     return Run(cfg, rank, world, model_path, tokenizer, tasks, model, engine, sampler, ds_config, hf_ds_config,
                surgery=surgery, coupling=coupling, resume_from=resume_from)
+
+
+def _batching_text(cfg: RunConfig) -> str:
+    b = cfg.batching
+    if b.mode == "padded":
+        return f"padded ({cfg.micro_batch_size} examples per micro-batch)"
+    if b.mode == "grouped":
+        return f"grouped by length ({f'<= {b.max_tokens} padded tokens' if b.max_tokens else cfg.micro_batch_size} " \
+               "per micro-batch)"
+    return (f"packed (<= {b.max_tokens} tokens per micro-batch, rows of ~{batching.row_tokens(cfg)}, "
+            f"{cfg.model.attn_implementation} attention with position ids restarting per example)")
 
 
 def _surgery_and_coupling(cfg: RunConfig, model, names: list[str], stage: int):
@@ -210,15 +223,22 @@ def _activator(run: Run):
 
 
 def next_step_groups(run: Run, step: int):
-    """The step's (task, [micro-batch, ...]) groups: rank-identical tasks, this rank's examples."""
+    """The step's (task, [micro-batch, ...]) groups: rank-identical tasks, this rank's examples.
+    ``batching.mode`` decides which examples share a micro-batch and their layout, never how many
+    micro-batches the step has."""
     groups = []
     for task, n_micro in run.sampler.plan(step):
         data = run.tasks[task].train
         micro_batches = []
         for _ in range(n_micro):
-            idx = run.sampler.take(task, run.cfg.micro_batch_size)
-            micro_batches.append(collate([(data.input_ids[i], data.labels[i]) for i in idx],
-                                         run.tokenizer.pad_token_id))
+            if run.cfg.batching.mode == "padded":
+                idx = run.sampler.take(task, run.cfg.micro_batch_size)
+            else:
+                if task not in run.batchers:
+                    run.batchers[task] = batching.batcher(run.cfg, [len(ids) for ids in data.input_ids])
+                idx = run.sampler.take_batch(task, run.batchers[task])
+            micro_batches.append(batching.collate(run.cfg, [(data.input_ids[i], data.labels[i]) for i in idx],
+                                                  run.tokenizer.pad_token_id))
         groups.append((task, micro_batches))
     return groups
 
