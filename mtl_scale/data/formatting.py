@@ -143,8 +143,9 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the model's forward takes from a micro-batch. A packed one has position_ids and no
     attention_mask, and ``use_cache=False``: transformers looks for packed sequences only when there is
-    no cache (masking_utils._preprocess_mask_arguments), and with config.use_cache a Llama makes one even
-    in training, which would silently give every row one causal mask across its examples."""
+    no cache (masking_utils._preprocess_mask_arguments), and a Llama with config.use_cache makes one even
+    in training, which would silently give each row one causal mask across its examples (load_model turns
+    config.use_cache off; the packed path does not rely on it)."""
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
