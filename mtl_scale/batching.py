@@ -166,4 +166,9 @@ def row_tokens(cfg: RunConfig) -> int:
     """packed: tokens per row (``batching.row_tokens``, or its default; see config.BatchingConfig)."""
     if cfg.batching.row_tokens:
         return cfg.batching.row_tokens
-    return cfg.batching.max_tokens if cfg.model.attn_implementation == "flash_attention_2" else cfg.max_seq_len
+    if cfg.model.attn_implementation == "flash_attention_2":
+        return cfg.batching.max_tokens
+    # Twice the longest example: a row always has room beside a long example for short ones (measured on
+    # GSM8K + an instruction mix: 2.6% padding, against 8.4% at rows of max_seq_len), while the dense mask
+    # costs 4x one sequence's attention, not (max_tokens / max_seq_len)^2.
+    return min(cfg.batching.max_tokens, 2 * cfg.max_seq_len)

@@ -152,8 +152,9 @@ class BatchingConfig:
     row_tokens: int = 0
     """packed: most tokens in one row; a micro-batch holds max_tokens // row_tokens rows, packed best-fit-
     decreasing. 0: max_tokens (one row) under model.attn_implementation=flash_attention_2, whose varlen
-    kernel costs linear in the row; else max_seq_len, because sdpa and eager apply the block-diagonal mask
-    densely (quadratic in the row). Larger rows pack tighter; between max_seq_len and max_tokens."""
+    kernel costs linear in the row; else 2 x max_seq_len (at most max_tokens), because sdpa and eager
+    apply the block-diagonal mask densely (quadratic in the row). Larger rows pack tighter. Between
+    max_seq_len and max_tokens."""
 
 
 @dataclass

@@ -180,7 +180,9 @@ def test_batching_config_errors():
     with pytest.raises(ConfigError, match=r"batching.row_tokens=128 must lie between max_seq_len \(256"):
         load_config(None, base + ["batching.mode=packed", "batching.max_tokens=1024", "batching.row_tokens=128"])
     cfg = load_config(None, base + ["batching.mode=packed", "batching.max_tokens=1024"])
-    assert batching.row_tokens(cfg) == 256
+    assert batching.row_tokens(cfg) == 512
+    cfg = load_config(None, base + ["batching.mode=packed", "batching.max_tokens=384"])
+    assert batching.row_tokens(cfg) == 384
     cfg = load_config(None, base + ["batching.mode=packed", "batching.max_tokens=1024",
                                     "model.attn_implementation=flash_attention_2"])
     assert batching.row_tokens(cfg) == 1024
