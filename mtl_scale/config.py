@@ -222,7 +222,9 @@ class RunConfig:
     """Where adapters, metrics.jsonl and TensorBoard events go."""
     deepspeed_config: str = "ds_configs/zero3.json"
     """DeepSpeed JSON; its "auto" values are filled from this config. Relative paths resolve
-    against the current directory, then the mtl_scale checkout."""
+    against the current directory, then the mtl_scale checkout. ``auto``: the memory planner picks
+    ds_configs/zero2.json (frozen base replicated) when it fits, else zero3.json, else zero3.json with
+    model.quantization=nf4, and the run logs the choice and why (mtl_scale/stage_choice.py)."""
     log_every: int = 1
     """Write metrics every N optimizer steps."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

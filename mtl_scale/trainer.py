@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mtl_scale import adapters, batching, checkpoint, shared_fs, zero3_adapters
+from mtl_scale import adapters, batching, checkpoint, shared_fs, stage_choice, zero3_adapters
 from mtl_scale.config import RunConfig, to_dict
 from mtl_scale.data.formatting import completion_tokens
 from mtl_scale.data.prepare import TaskData, data_summary, prepare_tasks
@@ -152,6 +152,8 @@ def setup(cfg: RunConfig) -> Run:
     # ranks that found different checkpoints, would otherwise diverge and hang until dist_timeout_s.
     shared_fs.check_output_dir(cfg.output_dir, rank, world)
     resume_from = shared_fs.agree_on_resume(cfg.resume, local_resume, rank, world)
+    if cfg.deepspeed_config == stage_choice.AUTO:
+        cfg = _choose_stage(cfg, model_path, rank, world)
     ds_config = build_ds_config(cfg, world, hidden)
     # Alive before from_pretrained: transformers then builds the model inside zero.Init, partitioned.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
@@ -183,6 +185,22 @@ def setup(cfg: RunConfig) -> Run:
                  sum(getattr(p, "ds_numel", p.numel()) for p in trainable), _batching_text(cfg))
     return Run(cfg, rank, world, model_path, tokenizer, tasks, model, engine, sampler, ds_config, hf_ds_config,
                surgery=surgery, coupling=coupling, resume_from=resume_from)
+
+
+def _choose_stage(cfg: RunConfig, model_path: str, rank: int, world: int) -> RunConfig:
+    """deepspeed_config: auto (mtl_scale/stage_choice.py), the same choice on every rank: it is made for the
+    smallest device memory of any rank."""
+    from mtl_scale.model_shape import load_model_config, model_shape
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    memory = torch.tensor([stage_choice.local_memory_gib(device)], dtype=torch.float64,
+                          device="cuda" if device == "cuda" else "cpu")
+    torch.distributed.all_reduce(memory, op=torch.distributed.ReduceOp.MIN)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    shape = model_shape(*load_model_config(model_path, cfg.model.trust_remote_code))
+    choice = stage_choice.choose_stage(cfg, shape, max(1, world // local), min(local, world), float(memory), device)
+    if rank == 0:
+        log.info("deepspeed_config auto: %s (%s)", choice.deepspeed_config, choice.reason)
+    return choice.apply(cfg)
 
 
 def _batching_text(cfg: RunConfig) -> str:
