@@ -55,6 +55,9 @@ class ModelConfig:
     quantization: str = "none"
     """QLoRA: none | nf4 | fp4 — load the frozen base in 4 bits with bitsandbytes (the packed weights
     are stored in ``dtype`` so that ZeRO-3 can shard them with everything else)."""
+    liger_kernels: bool = False
+    """GPU only: Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (pip install liger-kernel); a CPU run
+    with it on stops with an error. Liger's fused linear cross-entropy is not used (mtl_scale/kernels.py)."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mtl_scale import adapters, batching, checkpoint, shared_fs, stage_choice, zero3_adapters
+from mtl_scale import adapters, batching, checkpoint, kernels, shared_fs, stage_choice, zero3_adapters
 from mtl_scale.config import RunConfig, to_dict
 from mtl_scale.data.formatting import completion_tokens
 from mtl_scale.data.prepare import TaskData, data_summary, prepare_tasks
@@ -144,8 +144,10 @@ def setup(cfg: RunConfig) -> Run:
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     tasks = prepare_tasks(cfg, tokenizer)
-    hidden = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code),
-                     "hidden_size", 1024)
+    hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    hidden = getattr(hf_config, "hidden_size", 1024)
+    if cfg.model.liger_kernels:  # patches the architecture's classes: before the model is built
+        kernels.apply_liger(hf_config.model_type, torch.cuda.is_available())
 
     rank, world = init_distributed(cfg.dist_timeout_s)
     # Before the heavy set-up and before anything is written or resumed: node-local output_dirs, or
