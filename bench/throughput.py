@@ -208,6 +208,21 @@ def budget_overrides(cfg) -> list[str]:
     return [f"batching.max_tokens={cfg.micro_batch_size * cfg.max_seq_len}"]
 
 
+def print_stage_choices(config: str = "configs/llama3_8b_8gpu.yaml", gpus: int = 8, gpu_memory: float = 80) -> dict:
+    """What ``deepspeed_config: auto`` picks for the example 8B and 70B models (8 x 80 GiB), and why."""
+    from mtl_scale.config import load_config
+    from mtl_scale.model_shape import load_model_config, model_shape
+    from mtl_scale.stage_choice import choose_stage
+
+    out = {}
+    for model in ("configs/models/llama-3.1-8b.json", "configs/models/llama-3.1-70b.json"):
+        choice = choose_stage(load_config(ROOT / config), model_shape(*load_model_config(str(ROOT / model))),
+                              1, gpus, gpu_memory)
+        out[model] = {"deepspeed_config": choice.deepspeed_config, "reason": choice.reason}
+        print(f"STAGE {Path(model).stem} on {gpus} x {gpu_memory:g} GiB ({config}): {choice.reason}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Launching
 
@@ -328,6 +343,8 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary = report(results, surgery, args.peak_tflops)
+    if args.data == "realistic":
+        summary["stage_choices"] = print_stage_choices()
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
 
