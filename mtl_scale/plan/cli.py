@@ -151,6 +151,14 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[ModelShape, PlanInputs]:
         cfg = load_config(args.config, args.overrides)
     hf_config, source = load_model_config(args.model or cfg.model.path, cfg.model.trust_remote_code)
     shape = model_shape(hf_config, source)
+    if cfg.deepspeed_config == "auto":  # what the run would choose (--zero-stage overrides it)
+        from mtl_scale.stage_choice import SHIPPED, choose_stage
+        if args.zero_stage is None:
+            choice = choose_stage(cfg, shape, args.nodes, args.gpus_per_node, args.gpu_memory)
+            print(f"deepspeed_config auto: {choice.deepspeed_config} ({choice.reason})")
+            cfg = choice.apply(cfg)
+        else:
+            cfg = dataclasses.replace(cfg, deepspeed_config=SHIPPED[3 if args.zero_stage == 3 else 2])
     return shape, inputs_from_config(cfg, shape, args)
 
 
