@@ -174,6 +174,18 @@ def row_tokens(cfg: RunConfig) -> int:
     return min(cfg.batching.max_tokens, 2 * cfg.max_seq_len)
 
 
+def largest_micro_batch(cfg: RunConfig) -> tuple[int, int]:
+    """(rows, tokens per row) of the largest micro-batch ``batching.mode`` can form, what activation memory
+    grows with (the planner, mtl_scale/plan/cli.py). grouped with a budget: count x longest <= max_tokens,
+    counted as whole rows of max_seq_len (at least the budget)."""
+    b = cfg.batching
+    if b.mode == "packed":
+        return max(1, b.max_tokens // row_tokens(cfg)), row_tokens(cfg)
+    if b.mode == "grouped" and b.max_tokens:
+        return -(-b.max_tokens // cfg.max_seq_len), cfg.max_seq_len
+    return cfg.micro_batch_size, cfg.max_seq_len
+
+
 def describe(cfg: RunConfig) -> str:
     """The batching of a run in words, for its first log line."""
     b = cfg.batching

@@ -78,7 +78,7 @@ def choose_stage(cfg: RunConfig, shape: ModelShape, nodes: int, gpus_per_node: i
                                peaks)
     tried = ", ".join(f"{k} {v} GiB" for k, v in peaks.items())
     raise UserError(f"deepspeed_config=auto: no ZeRO stage fits {gpu_memory_gib:g} GiB per GPU at world size "
-                    f"{nodes * gpus_per_node} ({tried}); lower micro_batch_size or max_seq_len, turn on "
+                    f"{nodes * gpus_per_node} ({tried}); lower micro_batch_size, max_seq_len or batching.max_tokens, turn on "
                     "model.gradient_checkpointing, use more GPUs, or see mtl-plan (launch/plan.py) for offload options")
 
 

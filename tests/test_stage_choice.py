@@ -85,3 +85,24 @@ def test_run_with_auto_logs_its_choice_and_trains_at_it(tmp_path):
     res = launch("launch/train.py", [*base, "sharing=hard", "surgery.method=pcgrad", f"output_dir={tmp_path / 'b'}"])
     assert "deepspeed_config auto: ds_configs/zero3.json (ZeRO-3: " in res.stdout
     assert "surgery.method=pcgrad works on ZeRO-3's gradient partitions" in res.stdout and "ZeRO stage 3" in res.stdout
+
+
+def test_planner_sizes_grouped_and_packed_micro_batches_by_their_token_budget():
+    shp = shape("llama-3.1-8b")
+
+    def inputs(*overrides):
+        return inputs_from_config(load_config(CONFIG, list(overrides)), shp)
+
+    padded = inputs()
+    assert (padded.micro_batch_size, padded.seq_len) == (4, 2048)  # micro_batch_size x max_seq_len
+    packed = inputs("batching.mode=packed", "batching.max_tokens=65536")  # flash_attention_2: one row
+    assert (packed.micro_batch_size, packed.seq_len) == (1, 65536)
+    sdpa = inputs("batching.mode=packed", "batching.max_tokens=65536", "model.attn_implementation=sdpa")
+    assert (sdpa.micro_batch_size, sdpa.seq_len) == (16, 4096)  # rows of 2 x max_seq_len
+    grouped = inputs("batching.mode=grouped", "batching.max_tokens=5000")
+    assert (grouped.micro_batch_size, grouped.seq_len) == (3, 2048)  # whole rows covering the budget
+    assert estimate(shp, packed).peak > estimate(shp, padded).peak
+    # auto sees the budget: on 40 GiB ZeRO-2 fits the padded run (8192 tokens), not a packed one of twice that
+    assert choose_stage(load_config(CONFIG), shp, 1, 8, 40).zero_stage == 2
+    big = load_config(CONFIG, ["batching.mode=packed", "batching.max_tokens=16384"])
+    assert choose_stage(big, shp, 1, 8, 40).zero_stage == 3
