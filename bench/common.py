@@ -1,7 +1,7 @@
 """What the benchmark scripts share: memory counters (bench.memory_check; the tests' live-tensor peaks),
 FLOP and MFU arithmetic and the throughput worker's result line and timed window (bench.throughput,
 bench.throughput_worker), and the models and data they build (a random-init Llama of any size,
-fixed-length tasks)."""
+fixed-length tasks, realistic-length tasks)."""
 from __future__ import annotations
 
 import ctypes
@@ -19,6 +19,8 @@ from mtl_scale.base_model import RECIPE, build_tokenizer
 from mtl_scale.model import cache_dir
 
 ON_GPU = torch.cuda.is_available()
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+"""GSM8K's test split, in ../shared/data beside the checkout (bench.throughput --data realistic)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,4 +224,34 @@ def write_synthetic_tasks(tokenizer, out_dir: Path, n_tasks: int, n_examples: in
             for _ in range(n_examples):
                 f.write(json.dumps({"prompt": words(prompt_words), "completion": " " + words(completion_words)}) + "\n")
         tasks.append(f"{{name: synthetic{t}, source: '{path}', eval_size: 0}}")
+    return [f"tasks=[{', '.join(tasks)}]", "truncation=truncate"]
+
+
+def write_realistic_tasks(tokenizer, out_dir: Path, n_examples: int, max_seq_len: int, gsm8k: Path = GSM8K,
+                          seed: int = 0) -> list[str]:
+    """Realistic lengths for the batching comparison: GSM8K (question -> worked answer, its real length
+    distribution) plus two long-tailed instruction tasks whose lengths are log-normal (median ~max_seq_len/8,
+    sigma 1: most short, a few filling max_seq_len), prompt ~1/3 of each. Returns the task overrides."""
+    if not gsm8k.is_file():
+        raise SystemExit(f"--data realistic needs GSM8K at {gsm8k} (../shared/data beside the checkout)")
+    rng = random.Random(seed)
+    rows = [json.loads(line) for line in gsm8k.read_text().splitlines()[:n_examples]]
+    tasks = [f"{{name: gsm8k, source: '{gsm8k}', num_examples: {len(rows)}, eval_size: 0, "
+             "columns: {prompt: question, completion: answer}}"]
+    sample = " ".join("".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 8))) for _ in range(400))
+    tokens_per_char = len(tokenizer(sample, add_special_tokens=False, verbose=False)["input_ids"]) / len(sample)
+
+    def text(n_tokens: int) -> str:
+        out = ""
+        while len(out) * tokens_per_char < n_tokens:
+            out += "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) + " "
+        return out.strip()
+
+    for t in range(2):
+        path = out_dir / f"instruct{t}.jsonl"
+        with path.open("w") as f:
+            for _ in range(n_examples):
+                n = max(8, min(max_seq_len, round(rng.lognormvariate(math.log(max_seq_len / 8), 1.0))))
+                f.write(json.dumps({"prompt": text(n // 3), "completion": " " + text(n - n // 3)}) + "\n")
+        tasks.append(f"{{name: instruct{t}, source: '{path}', eval_size: 0}}")
     return [f"tasks=[{', '.join(tasks)}]", "truncation=truncate"]

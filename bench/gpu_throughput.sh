@@ -3,7 +3,13 @@
 # 32 heads, 8 KV heads, vocab 128256; built once by bench.common.build_model, cached under
 # $MTL_SCALE_CACHE), bf16, 4 synthetic tasks of 2048-token examples, micro-batch 4 x 4 accumulation.
 #
-#   bash bench/gpu_throughput.sh [throughput.py flags ...]     # e.g. --once, --rounds 1, --nprocs 8
+#   bash bench/gpu_throughput.sh [throughput.py flags ...] [key=value ...]   # e.g. --once, --rounds 1, --nprocs 8
+#
+# Issue 17 (packing, the auto stage, with and without Liger; not yet run on a GPU): mtl_scale's variants only,
+# since the HF stacks read no deepspeed_config=auto; GSM8K from ../shared/data:
+#   bash bench/gpu_throughput.sh --data realistic --variants ours-hard,ours-packed --once deepspeed_config=auto
+#   bash bench/gpu_throughput.sh --data realistic --variants ours-packed --once deepspeed_config=auto \
+#       model.liger_kernels=true
 #
 # NPROCS (default: every visible GPU) ranks; extra flags go to bench.throughput before the overrides.
 set -euo pipefail

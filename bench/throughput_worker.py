@@ -1,14 +1,16 @@
 """One throughput measurement on the ranks the launcher started: mtl_scale's product path (``--stack
-ours``) or the usual Hugging Face stack (``--stack hf``), for ``max_steps`` optimizer steps of which
-the first ``--warmup`` are not timed. Rank 0 prints one ``THROUGHPUT_RESULT {json}`` line.
-Started by bench/throughput.py, which compares the stacks; by hand, from the repository root:
+ours``) or the usual Hugging Face stack (``--stack hf``; ``hf-grouped`` with the Trainer's length-grouped
+sampler; ``trl-packed``, TRL's SFTTrainer with packing), for ``max_steps`` optimizer steps of which the
+first ``--warmup`` are not timed. Rank 0 prints one ``THROUGHPUT_RESULT {json}`` line.
+Started by bench.throughput, which compares the stacks; by hand, from the repository root:
 
     deepspeed --num_gpus 2 --module bench.throughput_worker --stack hf --warmup 5 max_steps=35 [key=value ...]
 
 Both stacks get the same run config (configs/demo.yaml + overrides), hence the same model, LoRA,
 token ids and DeepSpeed dict (``mtl_scale.ds_config.build_ds_config``). A step is timed from one
 optimizer step's end to the next, so batch assembly and everything else in the loop counts; tokens
-are the non-padding tokens (attention-mask sum) of the micro-batches run in those steps, all ranks.
+are the non-padding tokens (attention-mask sum; packed: token-mask sum) of the micro-batches run in those
+steps, all ranks, and the pad fraction is the share of the positions computed that are padding.
 """
 from __future__ import annotations
 
@@ -35,21 +37,32 @@ class StepClock:
 
     def __init__(self):
         self.marks: list[tuple[float, int, int]] = []
+        self.positions: list[int] = []
+        """Positions computed (real tokens and padding) so far, at each mark: the pad fraction's denominator."""
         self._masks: list[torch.Tensor] = []
         self.after_warmup: tuple[int, Callable[[], None]] | None = None  # (warm-up steps, called after them)
 
-    def count(self, attention_mask: torch.Tensor) -> None:
+    def count(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              position_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None) -> None:
+        """One micro-batch the model is fed: padded (attention_mask), packed (position_ids restarting per
+        example, token_mask marking mtl_scale's row padding) or padding-free (position_ids only)."""
         # Summed at the next mark: no host sync per micro-batch on a GPU.
-        self._masks.append(attention_mask.sum(dim=1))
+        real = attention_mask if attention_mask is not None else \
+            token_mask if token_mask is not None else torch.ones_like(input_ids)
+        examples = real[:, 0] if position_ids is None or attention_mask is not None else \
+            ((position_ids == 0) & (real > 0))
+        self._masks.append(torch.stack([real.sum(), examples.sum(), torch.tensor(input_ids.numel())]))
 
     def mark(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the step's kernels are done before the clock is read
         now = time.perf_counter()
         tokens, sequences = self.marks[-1][1:] if self.marks else (0, 0)
+        positions = self.positions[-1] if self.positions else 0
         for m in self._masks:
-            tokens, sequences = tokens + int(m.sum()), sequences + m.numel()
+            tokens, sequences, positions = tokens + int(m[0]), sequences + int(m[1]), positions + int(m[2])
         self._masks.clear()
+        self.positions.append(positions)
         self.marks.append((now, tokens, sequences))
         if self.after_warmup and len(self.marks) == self.after_warmup[0]:  # the timed window starts here
             self.after_warmup[1]()
@@ -105,7 +118,7 @@ def measure_ours(cfg: RunConfig, clock: StepClock) -> tuple[dict, object]:
         groups, stats = train_step(run, step, activate)  # the very step train_loop takes
         for _, micro_batches in groups:
             for mb in micro_batches:
-                clock.count(mb["attention_mask"])
+                clock.count(mb["input_ids"], mb.get("attention_mask"), mb.get("position_ids"), mb.get("token_mask"))
         metrics = reduce_stats(run, stats)  # the per-step metrics all-reduce every training step does
         if run.balancer is not None:  # adaptive sampling / DWA: the controller's update, as train_loop runs it
             t0 = time.perf_counter()
@@ -120,15 +133,26 @@ def measure_ours(cfg: RunConfig, clock: StepClock) -> tuple[dict, object]:
     return info, run.engine.device
 
 
-def measure_hf(cfg: RunConfig, clock: StepClock) -> tuple[dict, object]:
+def count_forward(model, clock: StepClock) -> None:
+    """Count what the model is actually fed (a DataLoader may fetch ahead of the step it belongs to)."""
+    model.register_forward_pre_hook(
+        lambda _m, _a, kw: clock.count(kw["input_ids"], kw.get("attention_mask"), kw.get("position_ids")),
+        with_kwargs=True)
+
+
+def measure_hf(cfg: RunConfig, clock: StepClock, group_by_length: bool = False,
+               trl_packing: bool = False) -> tuple[dict, object]:
     """What people do by hand: one shuffled dataset of every task's examples, ``Trainer`` + PEFT,
-    ``TrainingArguments(deepspeed=...)`` with the very dict mtl_scale would use."""
+    ``TrainingArguments(deepspeed=...)`` with the very dict mtl_scale would use. ``group_by_length``:
+    the Trainer's length-grouped sampler. ``trl_packing``: TRL's ``SFTTrainer`` with ``packing=True``
+    (its default best-fit-decreasing packing, padding-free) instead, rows of ``batching.row_tokens`` and
+    as many per micro-batch as fit ``batching.max_tokens``: the same token budget as mtl_scale's packed."""
     import datasets
     import peft
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from mtl_scale.data.formatting import collate
+    from mtl_scale.data.formatting import IGNORE, collate
     from mtl_scale.data.prepare import prepare_tasks
     from mtl_scale.ds_config import build_ds_config, gradient_accumulation_steps
     from mtl_scale.model import DTYPES, load_tokenizer, resolve_model_path
@@ -147,9 +171,17 @@ def measure_hf(cfg: RunConfig, clock: StepClock) -> tuple[dict, object]:
     # as mtl_scale.model.load_model does it (non-reentrant: frozen embeddings need no input grads)
     checkpointing = ({"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}
                      if cfg.model.gradient_checkpointing else {})
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="hf_throughput_"), deepspeed=ds_config,
-        per_device_train_batch_size=cfg.micro_batch_size, gradient_accumulation_steps=gradient_accumulation_steps(cfg),
+    args_class, extra, batch = TrainingArguments, {}, cfg.micro_batch_size
+    if group_by_length:  # transformers 5's name for TrainingArguments(group_by_length=True)
+        extra = {"train_sampling_strategy": "group_by_length"}
+    if trl_packing:
+        from trl import SFTConfig
+        from mtl_scale.batching import row_tokens
+        args_class, batch = SFTConfig, max(1, cfg.batching.max_tokens // row_tokens(cfg))
+        extra = {"packing": True, "max_length": row_tokens(cfg), "completion_only_loss": True}
+    args = args_class(
+        output_dir=tempfile.mkdtemp(prefix="hf_throughput_"), deepspeed=ds_config, **extra,
+        per_device_train_batch_size=batch, gradient_accumulation_steps=gradient_accumulation_steps(cfg),
         max_steps=cfg.max_steps, learning_rate=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         lr_scheduler_type="cosine", warmup_steps=cfg.warmup_steps, seed=cfg.seed,
         bf16=cfg.model.dtype == "bf16", fp16=cfg.model.dtype == "fp16",
@@ -169,17 +201,23 @@ def measure_hf(cfg: RunConfig, clock: StepClock) -> tuple[dict, object]:
         task_type="CAUSAL_LM", bias="none"))
     rows = [{"input_ids": ids, "labels": labels}
             for data in tasks.values() for ids, labels in zip(data.train.input_ids, data.train.labels)]
-    # Count what the model is actually fed (a DataLoader may fetch ahead of the step it belongs to).
-    model.register_forward_pre_hook(lambda _m, _a, kwargs: clock.count(kwargs["attention_mask"]), with_kwargs=True)
+    count_forward(model, clock)
 
     class Clock(TrainerCallback):
         def on_step_end(self, *_, **__):
             clock.mark()
 
-    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                      data_collator=lambda feats: collate([(f["input_ids"], f["labels"]) for f in feats],
-                                                          tokenizer.pad_token_id),
-                      callbacks=[Clock()])
+    if trl_packing:  # pre-tokenised: TRL packs input_ids and builds the labels from completion_mask
+        from trl import SFTTrainer
+        rows = [{"input_ids": r["input_ids"], "completion_mask": [int(x != IGNORE) for x in r["labels"]]}
+                for r in rows]
+        trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tokenizer, callbacks=[Clock()])
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                          data_collator=lambda feats: collate([(f["input_ids"], f["labels"]) for f in feats],
+                                                              tokenizer.pad_token_id),
+                          callbacks=[Clock()])
     trainer.train()
     shutil.rmtree(args.output_dir, ignore_errors=True)  # nothing is saved there (save_strategy="no")
     info = describe(model, "hf", list(tasks))
@@ -190,14 +228,16 @@ def measure_hf(cfg: RunConfig, clock: StepClock) -> tuple[dict, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--stack", choices=["ours", "hf"], required=True)
+    parser.add_argument("--stack", choices=["ours", "hf", "hf-grouped", "trl-packed"], required=True)
     parser.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps first")
     parser.add_argument("--local_rank", type=int)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs/demo.yaml", args.overrides)
     clock = StepClock()
-    measure = measure_ours if args.stack == "ours" else measure_hf
+    measure = {"ours": measure_ours, "hf": measure_hf,
+               "hf-grouped": lambda c, k: measure_hf(c, k, group_by_length=True),
+               "trl-packed": lambda c, k: measure_hf(c, k, trl_packing=True)}[args.stack]
     profile_dir = os.environ.get("MTL_SCALE_PROFILE")  # python -m bench.throughput --profile DIR
     if profile_dir and int(os.environ.get("RANK", "0")) == 0:
         import cProfile
@@ -219,6 +259,11 @@ def main() -> None:
     elapsed = torch.tensor([w["elapsed"]], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
     tokens, sequences = int(totals[0]), int(totals[1])
+    # Positions the model computed in the timed window, all ranks: real tokens plus padding.
+    positions = torch.tensor([float(clock.positions[-1] - clock.positions[args.warmup - 1])], dtype=torch.float64,
+                             device=device)
+    torch.distributed.all_reduce(positions)
+    positions = float(positions)
     if torch.distributed.get_rank() == 0:
         on_cuda = torch.cuda.is_available()
         result = {
@@ -229,6 +274,7 @@ def main() -> None:
             "elapsed_s": float(elapsed), "tokens_per_s": tokens / float(elapsed),
             "step_time_s": statistics.median(w["step_times"]),
             "tokens_per_sequence": tokens / sequences,
+            "pad_fraction": 1 - tokens / positions,
             "flops_per_token": flops_per_token(info["frozen_params"], info["active_trainable_params"],
                                                info["n_layers"], info["hidden"], tokens / sequences),
             **info,

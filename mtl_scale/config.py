@@ -37,6 +37,7 @@ ADAPTIVE_RULES = ("progress", "gap")  # mtl_scale.balancing.RULES
 LR_SCHEDULES = ("constant", "cosine", "linear")
 TRUNCATION = ("truncate", "drop")
 LOSS_WEIGHTING = ("token", "task", "manual", "dwa")
+BATCHING_MODES = ("padded", "grouped", "packed")
 
 
 @dataclass
@@ -55,6 +56,9 @@ class ModelConfig:
     quantization: str = "none"
     """QLoRA: none | nf4 | fp4 — load the frozen base in 4 bits with bitsandbytes (the packed weights
     are stored in ``dtype`` so that ZeRO-3 can shard them with everything else)."""
+    liger_kernels: bool = False
+    """GPU only: Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (pip install liger-kernel); a CPU run
+    with it on stops with an error. Liger's fused linear cross-entropy is not used (mtl_scale/kernels.py)."""
 
 
 @dataclass
@@ -192,6 +196,25 @@ class DwaConfig:
 
 
 @dataclass
+class BatchingConfig:
+    mode: str = "padded"
+    """How a task's examples fill a micro-batch (docs/TRAINING.md, Batching): padded (micro_batch_size
+    examples in shard order, right-padded to the longest) | grouped (examples of similar length together,
+    order still random) | packed (whole examples share rows up to max_tokens, no padding between them;
+    attention never crosses examples). Micro-batches per step are the same in every mode."""
+    max_tokens: int = 0
+    """Token budget of one micro-batch. packed: needed, at least max_seq_len (every example must fit);
+    grouped: 0 keeps micro_batch_size examples, > 0 takes as many as fit when padded (count x longest);
+    padded: must stay 0."""
+    row_tokens: int = 0
+    """packed: most tokens in one row; a micro-batch holds max_tokens // row_tokens rows, packed best-fit-
+    decreasing. 0: max_tokens (one row) under model.attn_implementation=flash_attention_2, whose varlen
+    kernel costs linear in the row; else 2 x max_seq_len (at most max_tokens), because sdpa and eager
+    apply the block-diagonal mask densely (quadratic in the row). Larger rows pack tighter. Between
+    max_seq_len and max_tokens."""
+
+
+@dataclass
 class LossConfig:
     task_weighting: str = "token"
     """How a step's losses combine (see mtl_scale/loss_weighting.py): token (every completion token of
@@ -233,6 +256,7 @@ class RunConfig:
     """The tasks to train on, each with a unique name."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     max_steps: int = 100
     """Optimizer steps."""
@@ -258,7 +282,9 @@ class RunConfig:
     """Where adapters, metrics.jsonl and TensorBoard events go."""
     deepspeed_config: str = "ds_configs/zero3.json"
     """DeepSpeed JSON; its "auto" values are filled from this config. Relative paths resolve
-    against the current directory, then the mtl_scale checkout."""
+    against the current directory, then the mtl_scale checkout. ``auto``: the memory planner picks
+    ds_configs/zero2.json (frozen base replicated) when it fits, else zero3.json, else zero3.json with
+    model.quantization=nf4, and the run logs the choice and why (mtl_scale/stage_choice.py)."""
     log_every: int = 1
     """Write metrics every N optimizer steps."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -404,6 +430,7 @@ def validate(cfg: RunConfig, where: str = "<config>") -> None:
     _one_of(where, "truncation", cfg.truncation, TRUNCATION)
     _one_of(where, "loss.task_weighting", cfg.loss.task_weighting, LOSS_WEIGHTING)
     _one_of(where, "surgery.method", cfg.surgery.method, SURGERY_METHODS)
+    _check_batching(where, cfg)
     if cfg.surgery.method != "sum" and cfg.sharing == "soft":
         raise ConfigError(f"{where}: surgery.method={cfg.surgery.method} acts on the adapter the tasks share, and "
                           "sharing=soft has none; use sharing=hard or sharing=hybrid, or surgery.method=sum")
@@ -491,6 +518,25 @@ def _check_metric(t: TaskConfig, key: str, where: str) -> None:
                           f"metric={t.metric}); remove it")
     if t.max_new_tokens is not None:
         _positive(where, f"{key}.max_new_tokens", t.max_new_tokens)
+
+
+def _check_batching(where: str, cfg: RunConfig) -> None:
+    b = cfg.batching
+    _one_of(where, "batching.mode", b.mode, BATCHING_MODES)
+    _positive(where, "batching.max_tokens", b.max_tokens, zero_ok=True)
+    _positive(where, "batching.row_tokens", b.row_tokens, zero_ok=True)
+    if b.mode == "packed" and b.max_tokens < cfg.max_seq_len:
+        raise ConfigError(f"{where}: batching.mode=packed needs batching.max_tokens >= max_seq_len "
+                          f"({cfg.max_seq_len}) so that every example fits a micro-batch; got {b.max_tokens}")
+    if b.row_tokens and b.mode == "packed" and not cfg.max_seq_len <= b.row_tokens <= b.max_tokens:
+        raise ConfigError(f"{where}: batching.row_tokens={b.row_tokens} must lie between max_seq_len "
+                          f"({cfg.max_seq_len}; every example fits a row) and batching.max_tokens ({b.max_tokens})")
+    if b.mode == "padded" and b.max_tokens:
+        raise ConfigError(f"{where}: batching.max_tokens={b.max_tokens} has no effect with batching.mode=padded "
+                          "(micro_batch_size examples, padded); use mode grouped or packed, or max_tokens 0")
+    if b.row_tokens and b.mode != "packed":
+        raise ConfigError(f"{where}: batching.row_tokens applies to batching.mode=packed only; "
+                          f"mode is {b.mode}")
 
 
 def _check_weights(where: str, key: str, weights: dict[str, float], names: set[str]) -> None:

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from mtl_scale import surgery as surgery_math
-from mtl_scale.data.formatting import completion_tokens, token_loss_sum
+from mtl_scale.data.formatting import completion_tokens, model_inputs, real_tokens, token_loss_sum
 
 # A step's work: (task, [micro-batch, ...]) groups, each micro-batch a dict of tensors.
 StepGroups = list[tuple[str, list[dict[str, torch.Tensor]]]]
@@ -65,7 +65,7 @@ class StepStats:
     loss_tokens: dict[str, int] = field(default_factory=dict)
     """Completion tokens the loss was taken over."""
     tokens: int = 0
-    """All non-padding tokens processed."""
+    """All non-padding tokens processed (attention_mask or, packed, token_mask)."""
     surgery: SurgeryStats | None = None
 
 
@@ -95,9 +95,9 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], 
         activate(task)  # which adapter the LoRA layers apply; trainable parameters never change
         for batch in micro_batches:
             stats.loss_tokens[task] = stats.loss_tokens.get(task, 0) + completion_tokens(batch)
-            stats.tokens += int(batch["attention_mask"].sum())
+            stats.tokens += real_tokens(batch)
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = engine(**model_inputs(batch)).logits  # padded: attention_mask; packed: position_ids
             loss_sum, _ = token_loss_sum(logits, batch["labels"])
             engine.backward(loss_sum * loss_scale[task])
             loss_sums[task] = loss_sums.get(task, 0.0) + loss_sum.detach()

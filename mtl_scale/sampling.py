@@ -61,6 +61,7 @@ class ShardReader:
 
     def __post_init__(self):
         self._order = self._epoch_order()
+        self._batches, self._batches_epoch = [], None  # take_batch's micro-batches of epoch _batches_epoch
 
     def _epoch_order(self) -> list[int]:
         order = list(self.shard)
@@ -77,12 +78,26 @@ class ShardReader:
             self.cursor += 1
         return out
 
+    def take_batch(self, batcher) -> list[int]:
+        """The next micro-batch of this epoch's order as ``batcher`` (batching.py: grouped, packed) cuts it.
+        The cursor then counts micro-batches, not examples; a micro-batch never straddles epochs."""
+        if self._batches_epoch != self.epoch:
+            rng = random.Random(f"batches:{self.seed}:{self.task}:{self.rank}:{self.epoch}")
+            self._batches, self._batches_epoch = batcher(self._order, rng), self.epoch
+        if self.cursor == len(self._batches):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._epoch_order()
+            return self.take_batch(batcher)
+        self.cursor += 1
+        return self._batches[self.cursor - 1]
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self._order = self._epoch_order()
+        self._batches_epoch = None
 
 
 def rank_shard(n: int, rank: int, world: int) -> list[int]:
@@ -107,6 +122,10 @@ class TaskSampler:
     def take(self, task: str, n: int) -> list[int]:
         """Indices (into the task's train examples) of the next ``n`` examples of this rank's shard."""
         return self.readers[task].take(n)
+
+    def take_batch(self, task: str, batcher) -> list[int]:
+        """Indices of this rank's next micro-batch of ``task`` as ``batcher`` (batching.py) cuts its epochs."""
+        return self.readers[task].take_batch(batcher)
 
     def state_dict(self) -> dict:
         return {"readers": {t: r.state_dict() for t, r in self.readers.items()}}

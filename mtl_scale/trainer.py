@@ -18,10 +18,10 @@ from typing import Callable
 import torch
 import yaml
 
-from mtl_scale import adapters, checkpoint, shared_fs, zero3_adapters
+from mtl_scale import adapters, batching, checkpoint, kernels, shared_fs, stage_choice, zero3_adapters
 from mtl_scale.balancing import DEFAULT_ETA, Balancer, BalancerConfig, reference_losses
 from mtl_scale.config import RunConfig, to_dict
-from mtl_scale.data.formatting import collate, completion_tokens
+from mtl_scale.data.formatting import completion_tokens
 from mtl_scale.data.prepare import TaskData, data_summary, prepare_tasks
 from mtl_scale.ds_config import build_ds_config, gradient_accumulation_steps, zero_stage
 from mtl_scale.engine import Coupling, StepStats, Surgery, optimizer_step
@@ -60,6 +60,8 @@ class Run:
     micro_batches_seen: dict[str, int] = field(default_factory=dict)
     adapter_params: dict[str, list] = field(default_factory=dict)
     """Adapter name -> its trainable parameters (filled on first use)."""
+    batchers: dict[str, object] = field(default_factory=dict)
+    """Task -> how batching.mode grouped/packed cuts its shard's epochs into micro-batches (first use)."""
     consecutive_skips: int = 0
     stop_requested: bool = False
     """Set by SIGTERM; acted on (checkpoint, exit 0) at the end of the step, on every rank together."""
@@ -123,14 +125,18 @@ def setup(cfg: RunConfig, model_loader: Callable | None = None) -> Run:
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     tasks = prepare_tasks(cfg, tokenizer)
     balancer = make_balancer(cfg, {t: len(d.train) for t, d in tasks.items()})  # reads sampling.reference
-    hidden = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code),
-                     "hidden_size", 1024)
+    hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    hidden = getattr(hf_config, "hidden_size", 1024)
+    if cfg.model.liger_kernels:  # patches the architecture's classes: before the model is built
+        kernels.apply_liger(hf_config.model_type, torch.cuda.is_available())
 
     rank, world = init_distributed(cfg.dist_timeout_s)
     # Before the heavy set-up and before anything is written or resumed: node-local output_dirs, or
     # ranks that found different checkpoints, would otherwise diverge and hang until dist_timeout_s.
     shared_fs.check_output_dir(cfg.output_dir, rank, world)
     resume_from = shared_fs.agree_on_resume(cfg.resume, local_resume, rank, world)
+    if cfg.deepspeed_config == stage_choice.AUTO:  # the same choice on every rank (a collective)
+        cfg = stage_choice.choose_for_ranks(cfg, model_path, rank, world)
     ds_config = build_ds_config(cfg, world, hidden)
     # Alive before from_pretrained: transformers then builds the model inside zero.Init, partitioned.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
@@ -159,9 +165,9 @@ def setup(cfg: RunConfig, model_loader: Callable | None = None) -> Run:
         sampler.probs = dict(balancer.probs)
     surgery, coupling = _surgery_and_coupling(cfg, model, names, zero_stage(ds_config))
     if rank == 0:
-        log.info("world %d, ZeRO stage %d, sharing=%s, adapters %s, trainable parameters %d",
+        log.info("world %d, ZeRO stage %d, sharing=%s, adapters %s, trainable parameters %d, batching %s",
                  world, zero_stage(ds_config), cfg.sharing, adapters.adapter_names(cfg.sharing, list(tasks)),
-                 sum(getattr(p, "ds_numel", p.numel()) for p in trainable))
+                 sum(getattr(p, "ds_numel", p.numel()) for p in trainable), batching.describe(cfg))
     return Run(cfg, rank, world, model_path, tokenizer, tasks, model, engine, sampler, ds_config, hf_ds_config,
                surgery=surgery, coupling=coupling, balancer=balancer, resume_from=resume_from)
 
@@ -223,15 +229,26 @@ def activator(run: Run):
 
 def next_step_groups(run: Run, step: int, micro_batch_size: int | None = None):
     """The step's (task, [micro-batch, ...]) groups: rank-identical tasks, this rank's examples.
-    ``micro_batch_size``: the config's by default (bench/memory_check.py measures several in one run)."""
+    ``batching.mode`` decides which examples share a micro-batch and their layout, never how many
+    micro-batches the step has. ``micro_batch_size``: examples per padded micro-batch, the config's by
+    default (bench/memory_check.py measures several in one run)."""
+    padded = run.cfg.batching.mode == "padded"
+    if micro_batch_size is not None and not padded:
+        raise ValueError(f"micro_batch_size={micro_batch_size} sizes padded micro-batches; batching.mode="
+                         f"{run.cfg.batching.mode} cuts them by batching.max_tokens")
     groups = []
     for task, n_micro in run.sampler.plan(step):
         data = run.tasks[task].train
         micro_batches = []
         for _ in range(n_micro):
-            idx = run.sampler.take(task, micro_batch_size or run.cfg.micro_batch_size)
-            micro_batches.append(collate([(data.input_ids[i], data.labels[i]) for i in idx],
-                                         run.tokenizer.pad_token_id))
+            if padded:
+                idx = run.sampler.take(task, micro_batch_size or run.cfg.micro_batch_size)
+            else:
+                if task not in run.batchers:
+                    run.batchers[task] = batching.batcher(run.cfg, [len(ids) for ids in data.input_ids])
+                idx = run.sampler.take_batch(task, run.batchers[task])
+            micro_batches.append(batching.collate(run.cfg, [(data.input_ids[i], data.labels[i]) for i in idx],
+                                                  run.tokenizer.pad_token_id))
         groups.append((task, micro_batches))
     return groups
 

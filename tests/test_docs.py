@@ -30,6 +30,9 @@ NOT_CONFIG = {
     "device_map": "transformers' from_pretrained argument",
     "weights_only": "torch.load's argument",
     "deepspeed": "HF TrainingArguments' argument",
+    "train_sampling_strategy": "HF TrainingArguments' argument",
+    "group_by_length": "HF TrainingArguments' argument (transformers 4)",
+    "packing": "TRL SFTConfig's argument",
     "key": "the placeholder in 'key=value'",
 }
 

@@ -143,6 +143,14 @@ CASES = {  # id: overrides
     "hybrid-dwa-adaptive": ["sharing=hybrid", "loss.task_weighting=dwa", "loss.dwa.temperature=0.05",
                             "sampling.strategy=adaptive", "sampling.adaptive.every_steps=1",
                             "sampling.adaptive.eta=50"],
+    # batching.mode: the reference forwards the same examples unpacked and right-padded, one micro-batch each.
+    # packed: 2 rows of <= 64 tokens per micro-batch; grouped: as many as fit 80 padded tokens. Either way
+    # the micro-batches hold varying numbers of examples.
+    "soft-packed": ["sharing=soft", "batching.mode=packed", "batching.max_tokens=128", "batching.row_tokens=64"],
+    "hybrid-pcgrad-packed": ["sharing=hybrid", "surgery.method=pcgrad", "batching.mode=packed",
+                             "batching.max_tokens=128", "batching.row_tokens=64"],
+    "soft-task-grouped": ["sharing=soft", "loss.task_weighting=task", "batching.mode=grouped",
+                          "batching.max_tokens=80"],
 }
 
 
@@ -164,6 +172,9 @@ def test_zero3_two_ranks_equals_single_process_reference(case, tmp_path, tiny_mo
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     if cfg.surgery.method == "pcgrad":  # otherwise PCGrad would equal sum and prove nothing
         assert sum(m["surgery/projections"] for m in metrics) > 0
+    if cfg.batching.mode != "padded":  # the token budget, not micro_batch_size, decided the counts
+        assert len({len(d["idx"]) for d in drawn[0] + drawn[1]}) > 1
+        assert max(len(d["idx"]) for d in drawn[0]) > cfg.micro_batch_size
     if cfg.sharing == "soft":
         # the case ZeRO-3 gets wrong by itself: an adapter absent from a step's first micro-batch
         firsts = [drawn[0][s * 3]["task"] for s in range(5)]

@@ -135,3 +135,20 @@ def test_driver_end_to_end_both_stacks_on_zero3(tmp_path):
     assert diff.returncode == 0, diff.stdout
     # mtl_scale's step runs only in the second profile: its calls go from 0 to one per timed step (2)
     assert re.search(r"\s0 ->\s+2\s+/\S*mtl_scale/engine.py:\d+ optimizer_step$", diff.stdout, re.MULTILINE), diff.stdout
+
+
+def test_realistic_tasks_have_gsm8k_and_long_tailed_lengths(tmp_path, tiny_tokenizer, gsm8k_path):
+    from mtl_scale.config import load_config
+    from mtl_scale.data.prepare import prepare_tasks
+
+    overrides = common.write_realistic_tasks(tiny_tokenizer, tmp_path, n_examples=300, max_seq_len=512, gsm8k=gsm8k_path)
+    cfg = load_config(ROOT / "configs/demo.yaml", ["max_seq_len=512", *overrides])
+    tasks = prepare_tasks(cfg, tiny_tokenizer)
+    assert list(tasks) == ["gsm8k", "instruct0", "instruct1"]
+    gsm = sorted(len(ids) for ids in tasks["gsm8k"].train.input_ids)
+    assert gsm[0] > 100 and gsm[-1] == 512  # GSM8K's own lengths, the longest truncated
+    for name in ("instruct0", "instruct1"):
+        lengths = sorted(len(ids) for ids in tasks[name].train.input_ids)
+        median, p95 = lengths[len(lengths) // 2], lengths[95 * len(lengths) // 100]
+        assert 40 < median < 120 and p95 > 3 * median  # most short, a long tail
+    assert tp.budget_overrides(cfg) == [f"batching.max_tokens={cfg.micro_batch_size * 512}"]

@@ -186,6 +186,23 @@ def completion_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens of a padded (attention_mask) or packed (token_mask) micro-batch."""
+    mask = batch["attention_mask"] if "attention_mask" in batch else batch["token_mask"]
+    return int(mask.sum())
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model's forward takes from a micro-batch. A packed one has position_ids and no
+    attention_mask, and ``use_cache=False``: transformers looks for packed sequences only when there is
+    no cache (masking_utils._preprocess_mask_arguments), and a Llama with config.use_cache makes one even
+    in training, which would silently give each row one causal mask across its examples (load_model turns
+    config.use_cache off; the packed path does not rely on it)."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL over labelled positions and their count.
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 
+from mtl_scale.batching import largest_micro_batch
 from mtl_scale.config import DTYPES, QUANTIZATION, RunConfig, load_config
 from mtl_scale.errors import UserError
 from mtl_scale.plan.shape import ModelShape, load_model_config, lora_targets, model_shape
@@ -151,6 +152,14 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[ModelShape, PlanInputs]:
         cfg = load_config(args.config, args.overrides)
     hf_config, source = load_model_config(args.model or cfg.model.path, cfg.model.trust_remote_code)
     shape = model_shape(hf_config, source)
+    if cfg.deepspeed_config == "auto":  # what the run would choose (--zero-stage overrides it)
+        from mtl_scale.stage_choice import SHIPPED, choose_stage
+        if args.zero_stage is None:
+            choice = choose_stage(cfg, shape, args.nodes, args.gpus_per_node, args.gpu_memory)
+            print(f"deepspeed_config auto: {choice.deepspeed_config} ({choice.reason})")
+            cfg = choice.apply(cfg)
+        else:
+            cfg = dataclasses.replace(cfg, deepspeed_config=SHIPPED[3 if args.zero_stage == 3 else 2])
     return shape, inputs_from_config(cfg, shape, args)
 
 
@@ -190,6 +199,8 @@ def inputs_from_config(cfg: RunConfig, shape: ModelShape, args: argparse.Namespa
         raise UserError("--offload optimizer+params / offload_param needs ZeRO stage 3 (--zero-stage 3): DeepSpeed "
                         "offloads parameters only under ZeRO-3")
 
+    # micro_batch_size x max_seq_len, or what batching.mode's token budget lets a micro-batch hold
+    rows, row_len = largest_micro_batch(cfg)
     # as mtl_scale.trainer decides: surgery other than sum, or its telemetry, on the shared adapter
     surgery = cfg.surgery.method != "sum" or (cfg.surgery.telemetry and cfg.sharing != "soft")
     if surgery and zero["zero_stage"] != 3:
@@ -199,7 +210,7 @@ def inputs_from_config(cfg: RunConfig, shape: ModelShape, args: argparse.Namespa
         model=args.model or cfg.model.path, nodes=args.nodes, gpus_per_node=args.gpus_per_node, dtype=dtype,
         quantization=quant, lora_targets=targets, sharing=cfg.sharing, adapter_ranks=ranks,
         active_adapters=2 if cfg.sharing == "hybrid" else 1, lora_dropout=cfg.lora.dropout,
-        micro_batch_size=args.micro_batch_size or cfg.micro_batch_size, seq_len=args.seq_len or cfg.max_seq_len,
+        micro_batch_size=args.micro_batch_size or rows, seq_len=args.seq_len or row_len,
         gradient_checkpointing=(cfg.model.gradient_checkpointing if args.gradient_checkpointing is None
                                 else args.gradient_checkpointing),
         attn_implementation=attn, task_gradient_copies=cfg.sampling.tasks_per_step if surgery else 0,

@@ -3,7 +3,7 @@ record what the *trained, partitioned* model computes, for the tests to compare 
 
 Writes to <output_dir>:
   probe_logits.pt        {adapter: logits of PROBE_TEXT with that adapter active} (rank 0)
-  rank<r>_schedule.json  per step: the task plan and the example indices this rank drew
+  rank<r>_schedule.json  per step: the task plan and the example indices this rank drew (per micro-batch)
   rank<r>_eval.json      evaluate_during_training's metrics with the chunked held-out loss
                          (eval.loss_chunk_tokens) and with full logits, and this rank's head calls per batch
 """
@@ -28,13 +28,18 @@ def main():
     cfg = load_config(sys.argv[1], sys.argv[2:])
     run = setup(cfg)
     # Record the schedule and this rank's example draws by wrapping the sampler.
-    drawn, take = [], run.sampler.take
+    drawn, take, take_batch = [], run.sampler.take, run.sampler.take_batch
 
     def recording_take(task, n):
         idx = take(task, n)
         drawn.append({"task": task, "idx": idx})
         return idx
-    run.sampler.take = recording_take
+
+    def recording_take_batch(task, batcher):  # batching.mode grouped / packed
+        idx = take_batch(task, batcher)
+        drawn.append({"task": task, "idx": idx})
+        return idx
+    run.sampler.take, run.sampler.take_batch = recording_take, recording_take_batch
     train_loop(run)
     finish(run)
     out = Path(cfg.output_dir)

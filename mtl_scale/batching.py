@@ -1,0 +1,198 @@
+"""How a task shard's examples are cut into micro-batches, and how a packed micro-batch is laid out.
+
+Three modes (``batching.mode``, see docs/TRAINING.md):
+- ``padded``: ``micro_batch_size`` examples in shard order, right-padded to the longest (sampling.py's
+  ``take``; not this module).
+- ``grouped``: each epoch's shuffled order is cut into windows; a window is sorted by length and cut into
+  micro-batches of similar lengths, and all the epoch's micro-batches are shuffled again.
+- ``packed``: each window is packed best-fit-decreasing into rows of at most ``row_tokens`` tokens, and
+  max_tokens // row_tokens shuffled rows make a micro-batch; examples share rows, each with its own
+  position ids from 0, and no padding mask. ``collate_packed`` lays them out.
+
+Only the *contents* of a micro-batch depend on the mode: the step's number of micro-batches is the task
+schedule's (sampling.step_plan), the same on every rank, so ZeRO-3's collectives stay aligned.
+
+Lists of example indices in, lists of micro-batches out; torch only to lay out the tensors.
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable, Sequence
+
+import torch
+
+from mtl_scale.config import RunConfig
+from mtl_scale.data.formatting import IGNORE, real_tokens
+from mtl_scale.data.formatting import collate as collate_padded
+
+GROUP_WINDOW_BATCHES = 50
+"""grouped: a length-sorted window holds this many micro-batches' examples (HF's LengthGroupedSampler
+uses 50 too): wide enough that neighbours have similar lengths, narrow enough that a micro-batch's
+examples still come from all over the shard."""
+PACK_WINDOW_EXAMPLES = 512
+"""packed: examples per best-fit-decreasing window. Larger windows pack tighter; smaller ones keep the
+examples that share a micro-batch more random from epoch to epoch."""
+
+Batcher = Callable[[list[int], random.Random], list[list[int]]]
+"""An epoch's shuffled example order and the epoch's RNG -> that epoch's micro-batches."""
+
+
+def grouped_batches(order: Sequence[int], lengths: Sequence[int], micro_batch_size: int, max_tokens: int,
+                    rng: random.Random) -> list[list[int]]:
+    """Length-grouped micro-batches of ``order``: ``micro_batch_size`` examples each, or with ``max_tokens``
+    > 0 as many as fit when padded (examples x longest <= max_tokens, at least one)."""
+    window = GROUP_WINDOW_BATCHES * micro_batch_size
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += _cut_sorted(chunk, lengths, micro_batch_size, max_tokens)
+    rng.shuffle(batches)
+    return batches
+
+
+def _cut_sorted(chunk: list[int], lengths: Sequence[int], micro_batch_size: int, max_tokens: int) -> list[list[int]]:
+    if max_tokens <= 0:
+        return [chunk[i:i + micro_batch_size] for i in range(0, len(chunk), micro_batch_size)]
+    batches, current = [], []
+    for i in chunk:  # ascending: the newest example is the longest, so the padded size is len * count
+        if current and (len(current) + 1) * lengths[i] > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + ([current] if current else [])
+
+
+def packed_batches(order: Sequence[int], lengths: Sequence[int], max_tokens: int, row_tokens: int,
+                   rng: random.Random) -> list[list[int]]:
+    """Micro-batches of at most ``max_tokens`` tokens made of rows of at most ``row_tokens``: each window of
+    ``order`` is packed best-fit-decreasing into rows, the rows are shuffled and every max_tokens // row_tokens
+    of them make a micro-batch. Every example must fit a row (``lengths[i] <= row_tokens``, checked by
+    the config)."""
+    per_batch = max(1, max_tokens // row_tokens)
+    batches = []
+    for start in range(0, len(order), PACK_WINDOW_EXAMPLES):
+        rows = best_fit_decreasing(order[start:start + PACK_WINDOW_EXAMPLES], lengths, row_tokens)
+        rng.shuffle(rows)
+        batches += [sum(rows[k:k + per_batch], []) for k in range(0, len(rows), per_batch)]
+    rng.shuffle(batches)
+    return batches
+
+
+def best_fit_decreasing(items: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of ``items`` whose lengths sum to at most ``capacity``: longest first, each into the fullest bin
+    it still fits in (a new bin if none)."""
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(items, key=lambda i: -lengths[i]):  # stable: ties keep the shuffled order
+        n = lengths[i]
+        best = min((b for b in range(len(bins)) if free[b] >= n), key=lambda b: free[b], default=None)
+        if best is None:
+            if n > capacity:
+                raise ValueError(f"an example of {n} tokens does not fit a micro-batch of {capacity} tokens")
+            bins.append([])
+            free.append(capacity)
+            best = len(bins) - 1
+        bins[best].append(i)
+        free[best] -= n
+    return bins
+
+
+def rows_for(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
+    """Positions (into ``lengths``) packed best-fit-decreasing into rows of at most ``row_tokens`` tokens
+    (0: one row), each row in drawn order. A packed micro-batch is made of such rows (packed_batches), so
+    this finds as many rows or about as many."""
+    if row_tokens <= 0:
+        return [list(range(len(lengths)))]
+    return [sorted(row) for row in best_fit_decreasing(range(len(lengths)), lengths, row_tokens)]
+
+
+def collate_packed(examples: list[tuple[list[int], list[int]]], pad_id: int, row_tokens: int = 0
+                   ) -> dict[str, torch.Tensor]:
+    """Pack (input_ids, labels) pairs into rows of at most ``row_tokens`` tokens (0: one row), right-padded
+    to the longest row.
+
+    Each example gets position ids 0..n-1: transformers derives from restarting position ids, when no
+    attention_mask is given, a block-diagonal causal mask (sdpa, eager, flex) or varlen boundaries
+    (flash_attention_2), so attention never crosses examples. Each example's first label is masked, so
+    the previous example's last token predicts nothing across the boundary (its own first token is
+    never predicted anyway). Right padding of the shorter rows is a sequence of its own, unlabelled;
+    ``token_mask`` marks the real tokens (it is bookkeeping, not a model input).
+    """
+    rows = rows_for([len(ids) for ids, _ in examples], row_tokens)
+    width = max(sum(len(examples[k][0]) for k in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    token_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for k in row:
+            ids, lab = examples[k]
+            n = len(ids)
+            input_ids[r, at:at + n] = torch.tensor(ids)
+            labels[r, at + 1:at + n] = torch.tensor(lab[1:])
+            position_ids[r, at:at + n] = torch.arange(n)
+            token_mask[r, at:at + n] = 1
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_mask": token_mask}
+
+
+def pad_fraction(batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    """Share of the positions the model computes that are padding."""
+    real = sum(real_tokens(b) for b in batches)
+    total = sum(b["input_ids"].numel() for b in batches)
+    return 1 - real / total if total else 0.0
+
+
+def batcher(cfg: RunConfig, lengths: Sequence[int]) -> Batcher:
+    """grouped / packed: the function that cuts one task shard's epoch into micro-batches."""
+    b = cfg.batching
+    if b.mode == "grouped":
+        return lambda order, rng: grouped_batches(order, lengths, cfg.micro_batch_size, b.max_tokens, rng)
+    if b.mode == "packed":
+        return lambda order, rng: packed_batches(order, lengths, b.max_tokens, row_tokens(cfg), rng)
+    raise ValueError(f"batching.mode={b.mode} draws examples with TaskSampler.take, not with a batcher")
+
+
+def collate(cfg: RunConfig, examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One micro-batch of ``examples`` as ``batching.mode`` lays it out."""
+    if cfg.batching.mode == "packed":
+        return collate_packed(examples, pad_id, row_tokens(cfg))
+    return collate_padded(examples, pad_id)
+
+
+def row_tokens(cfg: RunConfig) -> int:
+    """packed: tokens per row (``batching.row_tokens``, or its default; see config.BatchingConfig)."""
+    if cfg.batching.row_tokens:
+        return cfg.batching.row_tokens
+    if cfg.model.attn_implementation == "flash_attention_2":
+        return cfg.batching.max_tokens
+    # Twice the longest example: a row always has room beside a long example for short ones (measured on
+    # GSM8K + an instruction mix: 2.6% padding, against 8.4% at rows of max_seq_len), while the dense mask
+    # costs 4x one sequence's attention, not (max_tokens / max_seq_len)^2.
+    return min(cfg.batching.max_tokens, 2 * cfg.max_seq_len)
+
+
+def largest_micro_batch(cfg: RunConfig) -> tuple[int, int]:
+    """(rows, tokens per row) of the largest micro-batch ``batching.mode`` can form, what activation memory
+    grows with (the planner, mtl_scale/plan/cli.py). grouped with a budget: count x longest <= max_tokens,
+    counted as whole rows of max_seq_len (at least the budget)."""
+    b = cfg.batching
+    if b.mode == "packed":
+        return max(1, b.max_tokens // row_tokens(cfg)), row_tokens(cfg)
+    if b.mode == "grouped" and b.max_tokens:
+        return -(-b.max_tokens // cfg.max_seq_len), cfg.max_seq_len
+    return cfg.micro_batch_size, cfg.max_seq_len
+
+
+def describe(cfg: RunConfig) -> str:
+    """The batching of a run in words, for its first log line."""
+    b = cfg.batching
+    if b.mode == "padded":
+        return f"padded ({cfg.micro_batch_size} examples per micro-batch)"
+    if b.mode == "grouped":
+        size = f"<= {b.max_tokens} padded tokens" if b.max_tokens else f"{cfg.micro_batch_size} examples"
+        return f"grouped by length ({size} per micro-batch)"
+    return (f"packed (<= {b.max_tokens} tokens per micro-batch, rows of <= {row_tokens(cfg)}, "
+            f"{cfg.model.attn_implementation} attention with position ids restarting per example)")

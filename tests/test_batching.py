@@ -1,0 +1,190 @@
+"""batching.mode grouped and packed: which examples share a micro-batch, and that a packed micro-batch
+computes exactly what the padded one does (per example and per token)."""
+import json
+import random
+
+import pytest
+import torch
+
+from mtl_scale import batching
+from mtl_scale.config import ConfigError, load_config
+from mtl_scale.data.formatting import IGNORE, collate, completion_tokens, model_inputs, real_tokens, token_loss_sum
+from mtl_scale.sampling import ShardReader
+
+
+def _examples(lengths, seed=0, prompt=3):
+    """(input_ids, labels) pairs: ``prompt`` unlabelled tokens, then labelled ones."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(5, 250, (n,), generator=g).tolist()
+        out.append((ids, [IGNORE] * min(prompt, n) + ids[prompt:]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    # fp32, as a run trains it (the checkpoint is stored in bf16, whose round-off would hide the comparison)
+    return {impl: AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=impl, dtype=torch.float32)
+            for impl in ("sdpa", "eager")}
+
+
+def _segments(examples, row_tokens):
+    """(row, start, example index) of each example in collate_packed's layout."""
+    out = []
+    for r, row in enumerate(batching.rows_for([len(ids) for ids, _ in examples], row_tokens)):
+        at = 0
+        for k in row:
+            out.append((r, at, k))
+            at += len(examples[k][0])
+    return out
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_packed_rows_give_each_example_the_logits_it_has_alone(tiny_models, impl):
+    model = tiny_models[impl].train()  # train mode, as in a step: Llama would make a cache from config.use_cache
+    examples = _examples([7, 12, 5, 9, 16, 3])
+    batch = batching.collate_packed(examples, pad_id=0, row_tokens=20)
+    assert batch["input_ids"].shape[0] == 3 and "attention_mask" not in batch
+    with torch.no_grad():
+        packed = model(**model_inputs(batch)).logits
+        alone = [model(input_ids=torch.tensor([ids])).logits[0] for ids, _ in examples]
+    segments = _segments(examples, 20)
+    assert sorted(k for *_, k in segments) == list(range(len(examples)))
+    for r, at, k in segments:
+        n = len(examples[k][0])
+        assert batch["input_ids"][r, at:at + n].tolist() == examples[k][0]
+        torch.testing.assert_close(packed[r, at:at + n], alone[k], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_loss_per_example_and_per_token_equals_padded(tiny_models):
+    model = tiny_models["sdpa"].train()
+    examples = _examples([7, 12, 5, 9, 16, 3, 11], seed=1)
+    padded = collate(examples, pad_id=0)
+    packed = batching.collate_packed(examples, pad_id=0, row_tokens=30)
+    with torch.no_grad():
+        lp = model(**model_inputs(padded)).logits
+        lk = model(**model_inputs(packed)).logits
+    s_pad, n_pad = token_loss_sum(lp, padded["labels"])
+    s_pack, n_pack = token_loss_sum(lk, packed["labels"])
+    assert int(n_pad) == int(n_pack) == completion_tokens(padded) == completion_tokens(packed)
+    torch.testing.assert_close(s_pack, s_pad, atol=1e-4, rtol=1e-6)
+    assert real_tokens(padded) == real_tokens(packed) == sum(len(ids) for ids, _ in examples)
+    # per example: each packed segment's summed NLL equals that example's row in the padded batch
+    per_pad = [token_loss_sum(lp[i:i + 1], padded["labels"][i:i + 1])[0] for i in range(len(examples))]
+    for r, at, k in _segments(examples, 30):
+        n = len(examples[k][0])
+        got, _ = token_loss_sum(lk[r:r + 1, at:at + n], packed["labels"][r:r + 1, at:at + n])
+        torch.testing.assert_close(got, per_pad[k], atol=1e-5, rtol=1e-6)
+
+
+def test_packed_boundary_token_predicts_nothing():
+    # Fully labelled examples: without masking each example's first label, the previous example's last
+    # token would be trained to predict it, across the boundary.
+    examples = [([11, 12, 13], [11, 12, 13]), ([21, 22], [21, 22]), ([31, 32, 33, 34], [31, 32, 33, 34])]
+    batch = batching.collate_packed(examples, pad_id=0)
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 22, 31, 32, 33, 34]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert batch["labels"].tolist() == [[IGNORE, 12, 13, IGNORE, 22, IGNORE, 32, 33, 34]]
+    assert completion_tokens(batch) == completion_tokens(collate(examples, pad_id=0)) == 6
+
+
+def test_packed_rows_fit_and_padding_is_its_own_sequence():
+    lengths = [50, 40, 30, 30, 20, 10, 10, 5]  # 195 tokens, rows of <= 100: 2 rows, best fit decreasing
+    batch = batching.collate_packed(_examples(lengths), pad_id=0, row_tokens=100)
+    rows = batch["token_mask"].sum(1).tolist()
+    assert sorted(rows) == [95, 100] and batch["input_ids"].shape == (2, 100)
+    r = rows.index(min(rows))
+    width = batch["input_ids"].shape[1]
+    assert batch["position_ids"][r, rows[r]:].tolist() == list(range(width - rows[r]))  # a restart of its own
+    assert (batch["labels"][r, rows[r]:] == IGNORE).all()
+
+
+def test_best_fit_decreasing_respects_capacity_and_keeps_every_example():
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 300) for _ in range(1000)]
+    bins = batching.best_fit_decreasing(list(range(1000)), lengths, 1024)
+    assert sorted(i for b in bins for i in b) == list(range(1000))
+    assert all(sum(lengths[i] for i in b) <= 1024 for b in bins)
+    assert sum(lengths) / (1024 * len(bins)) > 0.97  # tightly filled
+    assert batching.best_fit_decreasing([0, 1, 2], [6, 5, 4], 10) == [[0, 2], [1]]  # 4 goes to the fuller bin
+    with pytest.raises(ValueError, match="does not fit"):
+        batching.best_fit_decreasing([0], [11], 10)
+
+
+def test_grouped_batches_have_similar_lengths_and_random_order():
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 400) for _ in range(2000)]
+    order = list(range(2000))
+    rng.shuffle(order)
+    a = batching.grouped_batches(order, lengths, 16, 0, random.Random(1))
+    b = batching.grouped_batches(order, lengths, 16, 0, random.Random(2))
+    assert sorted(i for x in a for i in x) == list(range(2000)) and all(len(x) <= 16 for x in a)
+    assert a != b and sorted(map(tuple, a)) == sorted(map(tuple, b))  # same groups, shuffled order
+    firsts = [lengths[x[0]] for x in a[:20]]
+    assert firsts != sorted(firsts)  # not globally sorted: long and short micro-batches interleave
+    pad = lambda batches: 1 - sum(lengths[i] for x in batches for i in x) / sum(
+        len(x) * max(lengths[i] for i in x) for x in batches)
+    plain = [order[i:i + 16] for i in range(0, 2000, 16)]
+    assert pad(a) < 0.1 < 0.3 < pad(plain)
+    budget = batching.grouped_batches(order, lengths, 16, 2048, random.Random(1))
+    assert all(len(x) * max(lengths[i] for i in x) <= 2048 for x in budget if len(x) > 1)
+    assert sorted(i for x in budget for i in x) == list(range(2000))
+
+
+def test_take_batch_cycles_epochs_and_resumes_exactly():
+    lengths = [random.Random(i).randint(5, 60) for i in range(37)]
+    batcher = lambda order, rng: batching.packed_batches(order, lengths, 128, 64, rng)
+    reader = ShardReader("t", list(range(37)), seed=3, rank=0)
+    first_epoch = []
+    while reader.epoch == 0:
+        first_epoch.append(reader.take_batch(batcher))
+    first_epoch.pop()  # the draw that crossed into epoch 1
+    assert sorted(i for b in first_epoch for i in b) == list(range(37))
+    for _ in range(5):
+        reader.take_batch(batcher)
+    resumed = ShardReader("t", list(range(37)), seed=3, rank=0)
+    resumed.load_state_dict(reader.state_dict())
+    assert [resumed.take_batch(batcher) for _ in range(20)] == [reader.take_batch(batcher) for _ in range(20)]
+
+
+def test_gsm8k_lengths_pad_fraction(gsm8k_path, tiny_tokenizer):
+    """On GSM8K's real lengths (the tiny model's tokenizer is byte-level: 160-1600 tokens) random
+    micro-batches of 16 are mostly padding; packed (8192-token micro-batches in rows of 2048) is at most 5%."""
+    from mtl_scale.data.formatting import encode
+    rows = [json.loads(line) for line in gsm8k_path.read_text().splitlines()]
+    rows = [{"prompt": r["question"], "completion": r["answer"]} for r in rows]
+    enc = encode(rows, "prompt_completion", tiny_tokenizer, max_seq_len=1024)
+    examples = list(zip(enc.input_ids, enc.labels))
+    lengths = [len(ids) for ids in enc.input_ids]
+    order = list(range(len(examples)))
+    random.Random(0).shuffle(order)
+    padded = [collate([examples[i] for i in order[k:k + 16]], 0) for k in range(0, len(order) - 15, 16)]
+    packed = [batching.collate_packed([examples[i] for i in b], 0, row_tokens=2048)
+              for b in batching.packed_batches(order, lengths, 8192, 2048, random.Random(0))]
+    assert batching.pad_fraction(padded) > 0.3
+    assert batching.pad_fraction(packed) <= 0.05
+    assert sum(real_tokens(b) for b in packed) == sum(lengths)
+
+
+def test_batching_config_errors():
+    base = ["tasks=[{name: a, source: 'builtin:copy'}]", "max_seq_len=256"]
+    with pytest.raises(ConfigError, match="batching.mode='pack' is not allowed; choose one of: padded, grouped, packed"):
+        load_config(None, base + ["batching.mode=pack"])
+    with pytest.raises(ConfigError, match=r"batching.mode=packed needs batching.max_tokens >= max_seq_len \(256\)"):
+        load_config(None, base + ["batching.mode=packed"])
+    with pytest.raises(ConfigError, match="batching.max_tokens=512 has no effect with batching.mode=padded"):
+        load_config(None, base + ["batching.max_tokens=512"])
+    with pytest.raises(ConfigError, match="batching.row_tokens applies to batching.mode=packed only"):
+        load_config(None, base + ["batching.mode=grouped", "batching.row_tokens=64"])
+    with pytest.raises(ConfigError, match=r"batching.row_tokens=128 must lie between max_seq_len \(256"):
+        load_config(None, base + ["batching.mode=packed", "batching.max_tokens=1024", "batching.row_tokens=128"])
+    cfg = load_config(None, base + ["batching.mode=packed", "batching.max_tokens=1024"])
+    assert batching.row_tokens(cfg) == 512
+    cfg = load_config(None, base + ["batching.mode=packed", "batching.max_tokens=384"])
+    assert batching.row_tokens(cfg) == 384
+    cfg = load_config(None, base + ["batching.mode=packed", "batching.max_tokens=1024",
+                                    "model.attn_implementation=flash_attention_2"])
+    assert batching.row_tokens(cfg) == 1024
+
