@@ -172,10 +172,10 @@ def test_reference_from_eval_json_and_run_dirs(tmp_path):
 ])
 def test_adaptive_config_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        load_config("configs/demo.yaml", ["sampling.strategy=adaptive", *override])
+        load_config("configs/demo.yaml", ["sampling.strategy=adaptive", "sampling.reference=[]", *override])
     with pytest.raises(ConfigError, match="sampling.reference is read only by sampling.strategy=adaptive with "
                                           "sampling.adaptive.rule=gap"):
-        load_config("configs/demo.yaml", ["sampling.reference=runs/x"])
+        load_config("configs/demo.yaml", ["sampling.strategy=temperature", "sampling.reference=runs/x"])
     cfg = load_config("configs/demo.yaml", ["sampling.strategy=adaptive", "sampling.adaptive.rule=gap",
                                             "sampling.reference=runs/x", "loss.task_weighting=dwa"])
     assert cfg.sampling.reference == ["runs/x"] and cfg.sampling.adaptive.eta is None
