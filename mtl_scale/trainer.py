@@ -187,10 +187,13 @@ def check_output_dir_path(output_dir: str) -> None:
 def make_balancer(cfg: RunConfig, sizes: dict[str, int]) -> Balancer | None:
     """The controller of adaptive sampling and DWA loss weights, or None when neither is configured."""
     adaptive, dwa = cfg.sampling.strategy == "adaptive", cfg.loss.task_weighting == "dwa"
-    if not (adaptive or dwa):
-        return None
     a = cfg.sampling.adaptive
     gap = adaptive and a.rule == "gap"
+    if cfg.sampling.reference and not gap:  # e.g. the demo's config with sampling.strategy=temperature on top
+        log.warning("sampling.reference is ignored: only sampling.strategy=adaptive with sampling.adaptive.rule=gap "
+                    "reads it (here strategy=%s, rule=%s)", cfg.sampling.strategy, a.rule)
+    if not (adaptive or dwa):
+        return None
     return Balancer(list(sizes), task_probabilities(sizes, cfg.sampling), BalancerConfig(
         rule=a.rule if adaptive else None, eta=DEFAULT_ETA[a.rule] if a.eta is None else a.eta, floor=a.floor,
         every_steps=a.every_steps, ema_decay=a.ema_decay,
