@@ -22,7 +22,7 @@ from mtl_scale.process_group import run_group
 from mtl_scale.trainer import lr_lambda
 
 ARGS = ["configs/demo.yaml", "micro_batch_size=4", "sampling.tasks_per_step=3", "eval.every_steps=0",
-        "eval.max_examples=2", "sharing=hybrid", "surgery.method=pcgrad", "lr=5e-3"] + \
+        "eval.max_examples=2", "sharing=hybrid", "surgery.method=pcgrad", "lr=5e-3", "sampling.strategy=temperature"] + \
        [f"tasks.{i}.{k}" for i in range(4) for k in ("num_examples=40", "eval_size=2")]
 
 
@@ -32,7 +32,8 @@ def _adapters(out):
 
 # The adaptive controller updates at steps 2, 4 (with an evaluation), 6, 8, so the kill at step 5 falls between
 # updates and the checkpoint at step 3 must carry its moving averages and weights; DWA reweights every step.
-ADAPTIVE = ["sampling.strategy=adaptive", "sampling.adaptive.every_steps=2", "sampling.adaptive.eta=50",
+ADAPTIVE = ["sampling.strategy=adaptive", "sampling.adaptive.rule=progress", "sampling.adaptive.every_steps=2",
+            "sampling.adaptive.eta=50",
             "loss.task_weighting=dwa", "loss.dwa.temperature=0.05", "eval.every_steps=4", "eval.max_new_tokens=2"]
 # packed: the sampler's cursor counts micro-batches of a packed epoch (a shard of 19 examples is ~3 of them,
 # so the 24 micro-batches of a task cross many epochs, and the checkpoint lands mid-epoch).

@@ -47,7 +47,7 @@ def _adapters(out):
 def test_kept_persistent_parameters_train_as_deepspeeds_own_path(tmp_path, tiny_model_dir):
     """bf16, a checkpoint mid-run (DeepSpeed frees and re-gathers the kept parameters its own way there):
     bit for bit the adapters of a run without keep_persistent_gathered."""
-    args = ["configs/demo.yaml", "model.dtype=bf16", "max_steps=6", "checkpoint.every_steps=3", "micro_batch_size=4",
+    args = ["configs/demo.yaml", "sharing=soft", "sampling.strategy=temperature", "model.dtype=bf16", "max_steps=6", "checkpoint.every_steps=3", "micro_batch_size=4",
             "eval.every_steps=0", "eval.max_examples=2",
             *[f"tasks.{i}.{k}" for i in range(4) for k in ("num_examples=40", "eval_size=2")]]
     launch("launch/train.py", ["--config", *args, f"output_dir={tmp_path / 'kept'}"])
