@@ -165,18 +165,20 @@ def _merge_b(model, names: list[str], method: str, weights: list[float], new_nam
 
 def save_adapter_dir(model, name: str, out: Path, base_path: str, pad_to: int | None = None) -> Path:
     """One adapter of a (non-partitioned) PeftModel in the standard PEFT layout. ``pad_to``: a larger rank,
-    reached with zero rows of A and zero columns of B (the same update; alpha = rank keeps the scaling)."""
+    reached with zero rows of A and zero columns of B (the same update; alpha is raised with the rank so
+    that the scaling, alpha / r or alpha / sqrt(r) with rsLoRA, stays what it was)."""
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
     config = model.peft_config[name]
     if pad_to is not None and pad_to > config.r:
-        if config.lora_alpha != config.r:
-            raise ValueError(f"adapter {name!r}: padding keeps the scaling only when lora_alpha == r")
+        if config.rank_pattern or config.alpha_pattern:
+            raise ValueError(f"adapter {name!r}: padding per-module ranks (rank_pattern/alpha_pattern) is not supported")
         extra = pad_to - config.r
         state = {k: torch.nn.functional.pad(v, (0, 0, 0, extra)) if ".lora_A." in k
                  else torch.nn.functional.pad(v, (0, extra)) if ".lora_B." in k else v for k, v in state.items()}
-        config = replace(config, r=pad_to, lora_alpha=pad_to)
+        ratio = pad_to / config.r
+        config = replace(config, r=pad_to, lora_alpha=config.lora_alpha * (ratio ** 0.5 if config.use_rslora else ratio))
     return write_adapter_dir(config, state, out, base_path)
 
 
@@ -407,7 +409,8 @@ def _known(per_task: dict) -> list[float]:
 def export_hybrid(model, tasks: list[str], adapters_root: Path, out: Path, base_path: str) -> dict:
     """The hybrid run for servers that apply one adapter per request (vLLM):
 
-    (a) ``on_full/<task>``: the task adapters as trained, for the base with the shared adapter folded in
+    (a) ``on_full/<task>``: the task adapters as trained (zero-padded to a rank vLLM accepts), for the
+        base with the shared adapter folded in
         (``full_model/``, written at the end of :func:`merge_run`);
     (b) ``cat/<task>``: cat(shared, task) on the untouched base, rank r + task_r, zero-padded up to a rank
         vLLM accepts. Both compute what base + shared + task computed in training.
@@ -417,12 +420,9 @@ def export_hybrid(model, tasks: list[str], adapters_root: Path, out: Path, base_
     written = {"on_full": {}, "cat": {}, "full_model": str(full)}
     for task in tasks:
         dest = root / "on_full" / task
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(adapters_root / task, dest)
-        cfg = json.loads((dest / "adapter_config.json").read_text())
-        cfg["base_model_name_or_path"] = str(full)
-        (dest / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-        written["on_full"][task] = str(dest)
+        shutil.rmtree(dest, ignore_errors=True)  # padded like (b): vLLM refuses ranks below 8 (hybrid.task_r=4)
+        written["on_full"][task] = str(save_adapter_dir(model, task, dest, str(full),
+                                                        pad_to=vllm_rank(model.peft_config[task].r)))
 
         name = f"cat_{task}"
         add_merged_adapter(model, [SHARED, task], "cat", [1.0, 1.0], name)

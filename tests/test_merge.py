@@ -323,6 +323,7 @@ def test_hybrid_run_merges_and_both_exports_match_shared_plus_task(fake_hybrid_r
     for t in TASKS:
         cfg = json.loads((tmp_path / "hybrid" / "on_full" / t / "adapter_config.json").read_text())
         assert cfg["base_model_name_or_path"] == str(tmp_path / "full_model")
+        assert cfg["r"] == 8 and serving_warnings(tmp_path / "hybrid" / "on_full" / t) == []  # 4 padded for vLLM
     on_full = PeftModel.from_pretrained(full, str(tmp_path / "hybrid" / "on_full" / "copy"), adapter_name="copy")
     on_full.load_adapter(str(tmp_path / "hybrid" / "on_full" / "reverse"), adapter_name="reverse")
     for t in TASKS:
