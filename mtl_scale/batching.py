@@ -168,10 +168,10 @@ def row_tokens(cfg: RunConfig) -> int:
         return cfg.batching.row_tokens
     if cfg.model.attn_implementation == "flash_attention_2":
         return cfg.batching.max_tokens
-    # Twice the longest example: a row always has room beside a long example for short ones (measured on
-    # GSM8K + an instruction mix: 2.6% padding, against 8.4% at rows of max_seq_len), while the dense mask
-    # costs 4x one sequence's attention, not (max_tokens / max_seq_len)^2.
-    return min(cfg.batching.max_tokens, 2 * cfg.max_seq_len)
+    # The longest example: sdpa and eager apply the block-diagonal mask densely, so attention costs the
+    # square of the row. Measured (bench.throughput --data realistic, 2 CPU ranks, docs/BENCHMARKS.md):
+    # rows of max_seq_len pad 3.8% and run 1.6x faster per token than rows of 2 x max_seq_len (1.5%).
+    return cfg.max_seq_len
 
 
 def largest_micro_batch(cfg: RunConfig) -> tuple[int, int]:

@@ -57,8 +57,8 @@ class ModelConfig:
     """QLoRA: none | nf4 | fp4 — load the frozen base in 4 bits with bitsandbytes (the packed weights
     are stored in ``dtype`` so that ZeRO-3 can shard them with everything else)."""
     liger_kernels: bool = False
-    """GPU only: Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (pip install liger-kernel); a CPU run
-    with it on stops with an error. Liger's fused linear cross-entropy is not used (mtl_scale/kernels.py)."""
+    """GPU only: Liger's Triton kernels for RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy
+    (pip install liger-kernel; mtl_scale/kernels.py); a CPU run with it on stops with an error."""
 
 
 @dataclass
@@ -209,9 +209,8 @@ class BatchingConfig:
     row_tokens: int = 0
     """packed: most tokens in one row; a micro-batch holds max_tokens // row_tokens rows, packed best-fit-
     decreasing. 0: max_tokens (one row) under model.attn_implementation=flash_attention_2, whose varlen
-    kernel costs linear in the row; else 2 x max_seq_len (at most max_tokens), because sdpa and eager
-    apply the block-diagonal mask densely (quadratic in the row). Larger rows pack tighter. Between
-    max_seq_len and max_tokens."""
+    kernel costs linear in the row; else max_seq_len, because sdpa and eager apply the block-diagonal
+    mask densely (quadratic in the row). Larger rows pack tighter. Between max_seq_len and max_tokens."""
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from mtl_scale import surgery as surgery_math
-from mtl_scale.data.formatting import completion_tokens, model_inputs, real_tokens, token_loss_sum
+from mtl_scale.data.formatting import completion_tokens, real_tokens, summed_loss
 
 # A step's work: (task, [micro-batch, ...]) groups, each micro-batch a dict of tensors.
 StepGroups = list[tuple[str, list[dict[str, torch.Tensor]]]]
@@ -71,13 +71,14 @@ class StepStats:
 
 def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], loss_scale: dict[str, float],
                    surgery: Surgery | None = None, coupling: Coupling | None = None, step: int = 0,
-                   absent: Sequence[torch.nn.Parameter] = ()) -> StepStats:
+                   absent: Sequence[torch.nn.Parameter] = (), loss_in_model: bool = False) -> StepStats:
     """Run the step's micro-batches (forward, backward), take per-task gradient shards, apply
     surgery, then let the last ``engine.step()`` update the parameters.
 
     ``absent``: trainable parameters no micro-batch of this step uses (the adapters of tasks not
     drawn); they leave the step exactly as they entered it, Adam moments included (see
-    ``keep_unchanged``).
+    ``keep_unchanged``). ``loss_in_model``: the model computes the summed loss from the labels
+    (Liger's fused linear cross-entropy, ``formatting.summed_loss``).
 
     Every rank must call this with the same tasks and micro-batch counts in the same order: ZeRO-3
     gathers parameters and reduce-scatters gradients collectively at each micro-step.
@@ -97,8 +98,7 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], 
             stats.loss_tokens[task] = stats.loss_tokens.get(task, 0) + completion_tokens(batch)
             stats.tokens += real_tokens(batch)
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-            logits = engine(**model_inputs(batch)).logits  # padded: attention_mask; packed: position_ids
-            loss_sum, _ = token_loss_sum(logits, batch["labels"])
+            loss_sum = summed_loss(engine, batch, loss_in_model)  # padded: attention_mask; packed: position_ids
             engine.backward(loss_sum * loss_scale[task])
             loss_sums[task] = loss_sums.get(task, 0.0) + loss_sum.detach()
             done += 1

@@ -153,6 +153,8 @@ def setup(cfg: RunConfig, model_loader: Callable | None = None) -> Run:
         # The "auto" persistence threshold depends on the LoRA matrices, which exist now.
         ds_config = build_ds_config(cfg, world, hidden, *zero3_adapters.matrix_sizes(model))
         zero3_adapters.mark_lora_leaves(model)  # one fetch per LoRA layer, the same module trace for every task
+        if cfg.model.liger_kernels:
+            kernels.gather_lm_head_for_fused_loss(model)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=trainable, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
@@ -266,7 +268,8 @@ def train_step(run: Run, step: int, activate: Callable[[str], None] | None = Non
     ``next_step_groups(run, step)`` by default (a benchmark may draw them with another micro-batch size)."""
     groups = groups if groups is not None else next_step_groups(run, step)
     stats = optimizer_step(run.engine, groups, activate or activator(run), step_loss_scales(run, groups),
-                           run.surgery, run.coupling, step=step, absent=absent_parameters(run, groups))
+                           run.surgery, run.coupling, step=step, absent=absent_parameters(run, groups),
+                           loss_in_model=run.cfg.model.liger_kernels)
     return groups, stats
 
 

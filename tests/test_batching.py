@@ -79,6 +79,34 @@ def test_packed_loss_per_example_and_per_token_equals_padded(tiny_models):
         torch.testing.assert_close(got, per_pad[k], atol=1e-5, rtol=1e-6)
 
 
+def test_loss_taken_in_the_model_equals_the_logits_path(tiny_model_dir):
+    """model.liger_kernels: the engine passes the labels and num_items_in_batch=1 and reads the model's own
+    loss (Liger's fused linear cross-entropy on a GPU; transformers' causal-LM loss here, the function the
+    fused one replaces): the same summed NLL, and the same LoRA gradients, as the logits path, through
+    PEFT, padded and packed."""
+    import peft
+    from transformers import AutoModelForCausalLM
+    from mtl_scale.data.formatting import summed_loss
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                      init_lora_weights=False)).train()
+    examples = _examples([7, 12, 5, 9, 16, 3, 11], seed=2)
+    for batch in (collate(examples, pad_id=0), batching.collate_packed(examples, pad_id=0, row_tokens=30)):
+        losses, grads = [], []
+        for in_model in (False, True):
+            model.zero_grad()
+            loss = summed_loss(model, batch, in_model)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        ref = token_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])[0]
+        torch.testing.assert_close(losses[0], ref.detach())
+        torch.testing.assert_close(losses[1], losses[0], atol=1e-4, rtol=1e-6)
+        assert losses[0] > completion_tokens(batch)  # a sum (random tokens: nats each), not a mean
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
 def test_packed_boundary_token_predicts_nothing():
     # Fully labelled examples: without masking each example's first label, the previous example's last
     # token would be trained to predict it, across the boundary.
@@ -181,9 +209,9 @@ def test_batching_config_errors():
     with pytest.raises(ConfigError, match=r"batching.row_tokens=128 must lie between max_seq_len \(256"):
         load_config(None, base + ["batching.mode=packed", "batching.max_tokens=1024", "batching.row_tokens=128"])
     cfg = load_config(None, base + ["batching.mode=packed", "batching.max_tokens=1024"])
+    assert batching.row_tokens(cfg) == 256
+    cfg = load_config(None, base + ["batching.mode=packed", "batching.max_tokens=1024", "batching.row_tokens=512"])
     assert batching.row_tokens(cfg) == 512
-    cfg = load_config(None, base + ["batching.mode=packed", "batching.max_tokens=384"])
-    assert batching.row_tokens(cfg) == 384
     cfg = load_config(None, base + ["batching.mode=packed", "batching.max_tokens=1024",
                                     "model.attn_implementation=flash_attention_2"])
     assert batching.row_tokens(cfg) == 1024

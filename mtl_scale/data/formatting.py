@@ -203,6 +203,19 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
+def summed_loss(model, batch: dict[str, torch.Tensor], in_model: bool = False) -> torch.Tensor:
+    """The micro-batch's summed next-token NLL over its labelled positions (token_loss_sum's value).
+
+    ``in_model``: the model takes the loss itself from ``labels``. ``num_items_in_batch=1`` turns
+    transformers' causal-LM loss, and Liger's fused linear cross-entropy that replaces it
+    (model.liger_kernels), from a mean into this sum; the fused kernel then never materialises the
+    (tokens x vocabulary) logits. Else the loss is taken here, from the logits.
+    """
+    if in_model:
+        return model(**model_inputs(batch), labels=batch["labels"], num_items_in_batch=1).loss
+    return token_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])[0]
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL over labelled positions and their count.
 
