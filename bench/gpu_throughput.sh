@@ -6,10 +6,13 @@
 #   bash bench/gpu_throughput.sh [throughput.py flags ...] [key=value ...]   # e.g. --once, --rounds 1, --nprocs 8
 #
 # Issue 17 (packing, the auto stage, with and without Liger; not yet run on a GPU): mtl_scale's variants only,
-# since the HF stacks read no deepspeed_config=auto; GSM8K from ../shared/data:
-#   bash bench/gpu_throughput.sh --data realistic --variants ours-hard,ours-packed --once deepspeed_config=auto
+# since the HF stacks read no deepspeed_config=auto; GSM8K from ../shared/data; packed rows use flash-attn's
+# varlen kernel (pip install flash-attn liger-kernel first). MFU counts non-padding tokens only, 4N FLOPs
+# per token for the frozen base (bench/common.py's flops_per_token):
+#   bash bench/gpu_throughput.sh --data realistic --variants ours-hard,ours-packed --once deepspeed_config=auto \
+#       model.attn_implementation=flash_attention_2
 #   bash bench/gpu_throughput.sh --data realistic --variants ours-packed --once deepspeed_config=auto \
-#       model.liger_kernels=true
+#       model.attn_implementation=flash_attention_2 model.liger_kernels=true
 #
 # NPROCS (default: every visible GPU) ranks; extra flags go to bench.throughput before the overrides.
 set -euo pipefail

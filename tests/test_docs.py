@@ -33,6 +33,7 @@ NOT_CONFIG = {
     "train_sampling_strategy": "HF TrainingArguments' argument",
     "group_by_length": "HF TrainingArguments' argument (transformers 4)",
     "packing": "TRL SFTConfig's argument",
+    "num_items_in_batch": "transformers' causal-LM loss argument",
     "key": "the placeholder in 'key=value'",
 }
 
