@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -191,7 +192,9 @@ def make_balancer(cfg: RunConfig, sizes: dict[str, int]) -> Balancer | None:
     adaptive, dwa = cfg.sampling.strategy == "adaptive", cfg.loss.task_weighting == "dwa"
     a = cfg.sampling.adaptive
     gap = adaptive and a.rule == "gap"
-    if cfg.sampling.reference and not gap:  # e.g. the demo's config with sampling.strategy=temperature on top
+    # e.g. the demo's config with sampling.strategy=temperature on top. Logged by the launcher's rank 0 only:
+    # this runs before the process group exists.
+    if cfg.sampling.reference and not gap and os.environ.get("RANK", "0") == "0":
         log.warning("sampling.reference is ignored: only sampling.strategy=adaptive with sampling.adaptive.rule=gap "
                     "reads it (here strategy=%s, rule=%s)", cfg.sampling.strategy, a.rule)
     if not (adaptive or dwa):

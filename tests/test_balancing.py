@@ -172,7 +172,7 @@ def test_reference_from_eval_json_and_run_dirs(tmp_path):
     (["sampling.adaptive.every_steps=0"], "sampling.adaptive.every_steps must be > 0"),
     (["loss.dwa.temperature=0"], "loss.dwa.temperature must be > 0"),
 ])
-def test_adaptive_config_errors(override, message, caplog):
+def test_adaptive_config_errors(override, message, caplog, monkeypatch):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         load_config("configs/demo.yaml", ["sampling.strategy=adaptive", "sampling.reference=[]", *override])
     # references another strategy does not read are ignored with a warning (a layered config may carry them)
@@ -180,6 +180,11 @@ def test_adaptive_config_errors(override, message, caplog):
     with caplog.at_level(logging.WARNING, logger="mtl_scale.trainer"):
         assert make_balancer(cfg, {"copy": 1, "reverse": 1, "sort": 1, "add": 1}) is None
     assert "sampling.reference is ignored: only sampling.strategy=adaptive with sampling.adaptive.rule=gap" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("RANK", "1")  # the other ranks stay quiet: one warning per run, not per rank
+    with caplog.at_level(logging.WARNING, logger="mtl_scale.trainer"):
+        assert make_balancer(cfg, {"copy": 1, "reverse": 1, "sort": 1, "add": 1}) is None
+    assert "sampling.reference is ignored" not in caplog.text
     cfg = load_config("configs/demo.yaml", ["sampling.strategy=adaptive", "sampling.adaptive.rule=gap",
                                             "sampling.reference=runs/x", "loss.task_weighting=dwa"])
     assert cfg.sampling.reference == ["runs/x"] and cfg.sampling.adaptive.eta is None
