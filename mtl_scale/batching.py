@@ -98,18 +98,30 @@ def best_fit_decreasing(items: Sequence[int], lengths: Sequence[int], capacity: 
 
 
 def rows_for(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
-    """Positions (into ``lengths``) packed best-fit-decreasing into rows of at most ``row_tokens`` tokens
-    (0: one row), each row in drawn order. A packed micro-batch is made of such rows (packed_batches), so
-    this finds as many rows or about as many."""
+    """Positions (into ``lengths``) cut into rows of at most ``row_tokens`` tokens in the order given (0: one
+    row): a row takes examples until the next one does not fit. packed_batches hands a micro-batch over row
+    by row, and each of its rows opens at most one row here, so a micro-batch never has more rows than it was
+    packed into, and stays within batching.max_tokens, the size the planner budgets memory for (packing
+    afresh, best-fit-decreasing is not optimal and could need a row more)."""
     if row_tokens <= 0:
         return [list(range(len(lengths)))]
-    return [sorted(row) for row in best_fit_decreasing(range(len(lengths)), lengths, row_tokens)]
+    rows: list[list[int]] = []
+    used = row_tokens
+    for i, n in enumerate(lengths):
+        if n > row_tokens:
+            raise ValueError(f"an example of {n} tokens does not fit a row of {row_tokens} tokens")
+        if used + n > row_tokens:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
 
 
 def collate_packed(examples: list[tuple[list[int], list[int]]], pad_id: int, row_tokens: int = 0
                    ) -> dict[str, torch.Tensor]:
-    """Pack (input_ids, labels) pairs into rows of at most ``row_tokens`` tokens (0: one row), right-padded
-    to the longest row.
+    """Pack (input_ids, labels) pairs into rows of at most ``row_tokens`` tokens (0: one row), in the order
+    given (``rows_for``), right-padded to the longest row.
 
     Each example gets position ids 0..n-1: transformers derives from restarting position ids, when no
     attention_mask is given, a block-diagonal causal mask (sdpa, eager, flex) or varlen boundaries

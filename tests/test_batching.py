@@ -119,7 +119,7 @@ def test_packed_boundary_token_predicts_nothing():
 
 
 def test_packed_rows_fit_and_padding_is_its_own_sequence():
-    lengths = [50, 40, 30, 30, 20, 10, 10, 5]  # 195 tokens, rows of <= 100: 2 rows, best fit decreasing
+    lengths = [50, 30, 20, 40, 30, 10, 10, 5]  # 195 tokens, rows of <= 100 in this order: 100 + 95
     batch = batching.collate_packed(_examples(lengths), pad_id=0, row_tokens=100)
     rows = batch["token_mask"].sum(1).tolist()
     assert sorted(rows) == [95, 100] and batch["input_ids"].shape == (2, 100)
@@ -127,6 +127,21 @@ def test_packed_rows_fit_and_padding_is_its_own_sequence():
     width = batch["input_ids"].shape[1]
     assert batch["position_ids"][r, rows[r]:].tolist() == list(range(width - rows[r]))  # a restart of its own
     assert (batch["labels"][r, rows[r]:] == IGNORE).all()
+
+
+def test_packed_micro_batch_keeps_the_rows_it_was_packed_into():
+    """The memory budget: a micro-batch of max_tokens // row_tokens rows is laid out in no more rows. Rows
+    [5, 3, 2] and [4, 3, 3] (capacity 10) fill 2 rows; best-fit-decreasing packing them afresh needs 3."""
+    assert len(batching.best_fit_decreasing(range(6), [5, 3, 2, 4, 3, 3], 10)) == 3
+    batch = batching.collate_packed(_examples([5, 3, 2, 4, 3, 3], prompt=1), pad_id=0, row_tokens=10)
+    assert batch["input_ids"].shape == (2, 10) and batch["token_mask"].sum(1).tolist() == [10, 10]
+    rng = random.Random(0)
+    for seed in range(20):
+        lengths = [rng.randint(1, 64) for _ in range(300)]
+        for mb in batching.packed_batches(list(range(300)), lengths, 256, 64, random.Random(seed)):
+            assert len(batching.rows_for([lengths[i] for i in mb], 64)) <= 256 // 64
+    with pytest.raises(ValueError, match="an example of 11 tokens does not fit a row of 10 tokens"):
+        batching.rows_for([3, 11], 10)
 
 
 def test_best_fit_decreasing_respects_capacity_and_keeps_every_example():
