@@ -182,7 +182,7 @@ def row_tokens(cfg: RunConfig) -> int:
         return cfg.batching.max_tokens
     # The longest example: sdpa and eager apply the block-diagonal mask densely, so attention costs the
     # square of the row. Measured (bench.throughput --data realistic, 2 CPU ranks, docs/BENCHMARKS.md):
-    # rows of max_seq_len pad 3.8% and run 1.6x faster per token than rows of 2 x max_seq_len (1.5%).
+    # rows of max_seq_len pad 3.8% and cost 1.55x less per token than rows of 2 x max_seq_len (1.5%).
     return cfg.max_seq_len
 
 
