@@ -319,6 +319,9 @@ def merge_run(run_dir: str | Path, methods: list[str], weights: list[float] | No
         report["shared_only"] = evaluate([SHARED], tasks)
         report["shared_only_retention"] = {t: retention(report["shared_only"][t], report["own"][t]) for t in scored}
         report["hybrid_exports"] = export_hybrid(model, task_adapters, adapters_root, out, base_path)
+        # what a server loads is the exports (task adapters padded to a rank vLLM takes), not the run's r=task_r
+        report["serving"] = {f"{kind}/{t}": serving_warnings(Path(path)) for kind in ("on_full", "cat")
+                             for t, path in report["hybrid_exports"][kind].items()}
 
     if len(task_adapters) >= 2:
         for method in methods:

@@ -341,6 +341,8 @@ def test_hybrid_run_merges_and_both_exports_match_shared_plus_task(fake_hybrid_r
     known = [r for r in report["shared_only_retention"].values() if r is not None]
     assert v["options"]["single"]["worst_retention"] == (min(known) if known else None)
     assert "--enable-lora --max-loras 2 --max-lora-rank 8" in v["options"]["bundle"]["serve"]
+    # the serving checks are of the exports a server loads (the run's own task adapters are r=4, refused)
+    assert report["serving"] == {f"{k}/{t}": [] for k in ("on_full", "cat") for t in TASKS}
     assert str(tmp_path / "full_model") in v["options"]["bundle"]["serve"]
     text = (tmp_path / "merge_report.md").read_text()
     assert "## Verdict" in text and "Hybrid exports" in text
