@@ -453,3 +453,20 @@ def test_shared_a_soft_run_with_coupling_trains_b_only_and_merges_exactly(tmp_pa
     add_merged_adapter(model, list(TASKS), "linear", [1.0, 1.0], "merged")
     model.set_adapter("merged")
     torch.testing.assert_close(_logits(model, tiny_tokenizer), both, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_interference_ratio_on_hand_values(tmp_path):
+    """bench.merge_interference: the other tasks' update on a task's inputs, relative to its own."""
+    from safetensors.torch import save_file
+    from bench.merge_interference import adapter_deltas, interference_ratio
+    own, other = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 2.0]])
+    assert interference_ratio(torch.eye(2), own, [other]) == pytest.approx(2.0)  # inputs on both directions
+    assert interference_ratio(torch.tensor([[3.0, 0.0]]), own, [other]) == 0.0  # inputs only where own acts
+    assert interference_ratio(torch.eye(2), own, [other, other]) == pytest.approx(4.0)  # the others add
+    a, b = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0], [4.0]])
+    save_file({"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": a,
+               "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight": b}, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 1, "lora_alpha": 2}))
+    deltas = adapter_deltas(tmp_path)
+    assert list(deltas) == ["model.layers.0.mlp.down_proj"]
+    torch.testing.assert_close(deltas["model.layers.0.mlp.down_proj"], torch.tensor([[6.0, 12.0], [8.0, 16.0]]))
