@@ -193,6 +193,7 @@ def save_run(run) -> Path:
     """Checkpoint a run (trainer.Run) at its current step: the engine, and per rank the sampler, counters,
     RNG and adaptive controller. Collective."""
     state = {"step": run.step, "sampler": run.sampler.state_dict(), "micro_batches_seen": run.micro_batches_seen,
+             "examples_seen": run.examples_seen,
              "consecutive_skips": run.consecutive_skips, "torch_rng": torch.get_rng_state()}
     if run.balancer is not None:  # probabilities, loss EMAs, the rule's weights and history
         state["balancer"] = run.balancer.state_dict()
@@ -208,6 +209,8 @@ def restore_run(run, ckpt: Path) -> None:
     run.step = state["step"]
     run.sampler.load_state_dict(state["sampler"])
     run.micro_batches_seen = state["micro_batches_seen"]
+    run.examples_seen = state.get("examples_seen") or {  # checkpoints before 0.6.1: padded counts
+        t: n * run.cfg.micro_batch_size * run.world for t, n in state["micro_batches_seen"].items()}
     run.consecutive_skips = state["consecutive_skips"]
     if run.balancer is not None:
         run.balancer.load_state_dict(state["balancer"])

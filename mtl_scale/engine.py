@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from mtl_scale import surgery as surgery_math
-from mtl_scale.data.formatting import completion_tokens, real_tokens, summed_loss
+from mtl_scale.data.formatting import completion_tokens, example_count, real_tokens, summed_loss
 
 # A step's work: (task, [micro-batch, ...]) groups, each micro-batch a dict of tensors.
 StepGroups = list[tuple[str, list[dict[str, torch.Tensor]]]]
@@ -66,6 +66,8 @@ class StepStats:
     """Completion tokens the loss was taken over."""
     tokens: int = 0
     """All non-padding tokens processed (attention_mask or, packed, token_mask)."""
+    examples: dict[str, int] = field(default_factory=dict)
+    """Examples processed (grouped and packed micro-batches hold a varying number)."""
     surgery: SurgeryStats | None = None
 
 
@@ -97,6 +99,7 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], 
         for batch in micro_batches:
             stats.loss_tokens[task] = stats.loss_tokens.get(task, 0) + completion_tokens(batch)
             stats.tokens += real_tokens(batch)
+            stats.examples[task] = stats.examples.get(task, 0) + example_count(batch)
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
             loss_sum = summed_loss(engine, batch, loss_in_model)  # padded: attention_mask; packed: position_ids
             engine.backward(loss_sum * loss_scale[task])

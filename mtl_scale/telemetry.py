@@ -52,10 +52,11 @@ def _clean(v):
 
 
 def reduce_stats(run, stats) -> dict[str, float]:
-    """Sum per-task loss and token counts over ranks (one small all-reduce) into step metrics."""
+    """Sum per-task loss, token and example counts over ranks (one small all-reduce) into step metrics."""
     names = list(run.tasks)
     vec = torch.tensor([stats.loss_sum.get(t, 0.0) for t in names] +
-                       [float(stats.loss_tokens.get(t, 0)) for t in names] + [float(stats.tokens)],
+                       [float(stats.loss_tokens.get(t, 0)) for t in names] + [float(stats.tokens)] +
+                       [float(stats.examples.get(t, 0)) for t in names],
                        dtype=torch.float64, device=run.engine.device)
     torch.distributed.all_reduce(vec)
     vec = vec.cpu().tolist()
@@ -69,6 +70,7 @@ def reduce_stats(run, stats) -> dict[str, float]:
             total_loss, total_tokens = total_loss + vec[i], total_tokens + vec[k + i]
     out["loss"] = total_loss / total_tokens
     out["tokens"] = vec[2 * k]
+    out.update({f"examples/{t}": vec[2 * k + 1 + i] for i, t in enumerate(names)})
     return out
 
 

@@ -59,6 +59,7 @@ class Run:
     step: int = 0
     history: list[dict] = field(default_factory=list)
     micro_batches_seen: dict[str, int] = field(default_factory=dict)
+    examples_seen: dict[str, int] = field(default_factory=dict)
     adapter_params: dict[str, list] = field(default_factory=dict)
     """Adapter name -> its trainable parameters (filled on first use)."""
     batchers: dict[str, object] = field(default_factory=dict)
@@ -318,6 +319,7 @@ def train_loop(run: Run) -> None:
         writer = MetricsWriter(cfg.output_dir, cfg.max_steps, initial_step=run.step)
     activate = activator(run)
     run.micro_batches_seen = run.micro_batches_seen or {t: 0 for t in run.tasks}
+    run.examples_seen = run.examples_seen or {t: 0 for t in run.tasks}
     run.engine.train()
     try:
         while run.step < cfg.max_steps:
@@ -347,7 +349,8 @@ def train_loop(run: Run) -> None:
                 run.micro_batches_seen[task] += len(micro_batches)
             total = sum(run.micro_batches_seen.values())
             for task, n in run.micro_batches_seen.items():
-                metrics[f"samples/{task}"] = n * cfg.micro_batch_size * run.world
+                run.examples_seen[task] += int(metrics.pop(f"examples/{task}"))
+                metrics[f"samples/{task}"] = run.examples_seen[task]  # counted: grouped/packed vary per micro-batch
                 metrics[f"mix/{task}"] = n / total  # the realised sampling mix so far
                 metrics[f"draws/{task}"] = n  # cumulative micro-batches of the task: its effective draws
                 metrics[f"sampling_prob/{task}"] = run.sampler.probs[task]  # the target this step was drawn from

@@ -107,6 +107,14 @@ def test_loss_taken_in_the_model_equals_the_logits_path(tiny_model_dir):
             torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
+def test_example_count_padded_and_packed():
+    from mtl_scale.data.formatting import example_count
+    examples = _examples([7, 12, 5, 9, 16, 3])
+    assert example_count(collate(examples, pad_id=0)) == 6
+    packed = batching.collate_packed(examples, pad_id=0, row_tokens=20)  # rows 19, 14, 19: padding restarts at 0
+    assert (packed["token_mask"] == 0).any() and example_count(packed) == 6
+
+
 def test_packed_boundary_token_predicts_nothing():
     # Fully labelled examples: without masking each example's first label, the previous example's last
     # token would be trained to predict it, across the boundary.

@@ -67,9 +67,9 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tiny_model_dir, e
     assert column(cut, "tokens") == column(full, "tokens")  # the same examples after resume
     # the same draws from the same target probabilities, bit for bit, and (DWA) the same loss weights
     draws = [{k: v for k, v in json.loads(line).items() if k.startswith(("sampling_prob/", "micro_batches/",
-                                                                         "draws/", "loss_weight/"))}
+                                                                         "draws/", "loss_weight/", "samples/"))}
              for out in (full, cut) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert draws[:8] == draws[8:]
+    assert draws[:8] == draws[8:]  # samples/: the examples counted so far, carried by the checkpoint
     if extra is ADAPTIVE:  # the controller did move the distribution, after the checkpoint too
         probs = [sorted((k, v) for k, v in d.items() if k.startswith("sampling_prob/")) for d in draws[:8]]
         # probs[i] drew step i + 1; the update after step 2 only records history (progress needs two points)

@@ -192,6 +192,14 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(mask.sum())
 
 
+def example_count(batch: dict[str, torch.Tensor]) -> int:
+    """Examples in a padded micro-batch (its rows) or a packed one (the segments whose position ids start
+    at 0 on a real token; a row's right padding restarts at 0 too, on padding)."""
+    if "attention_mask" in batch:
+        return batch["input_ids"].shape[0]
+    return int(((batch["position_ids"] == 0) & (batch["token_mask"] == 1)).sum())
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the model's forward takes from a micro-batch. A packed one has position_ids and no
     attention_mask, and ``use_cache=False``: transformers looks for packed sequences only when there is

@@ -21,7 +21,7 @@ DIE_STEP = int(os.environ.get("FAULT_DIE_STEP", "-1"))
 EVAL_OOM_STEP = int(os.environ.get("FAULT_EVAL_OOM_STEP", "-1"))
 current = {"step": -1}
 
-real_step, real_loss = mtl_scale.trainer.optimizer_step, mtl_scale.engine.token_loss_sum
+real_step, real_loss = mtl_scale.trainer.optimizer_step, mtl_scale.engine.summed_loss
 real_eval = mtl_scale.trainer.evaluate_during_training
 
 
@@ -32,11 +32,11 @@ def step_with_faults(*args, step=0, **kwargs):
     return real_step(*args, step=step, **kwargs)
 
 
-def loss_with_faults(logits, labels):
-    s, n = real_loss(logits, labels)
+def loss_with_faults(*args, **kwargs):
+    s = real_loss(*args, **kwargs)
     if current["step"] in NAN_STEPS and int(os.environ["RANK"]) == RANK:
         s = s * torch.tensor(float("nan"))
-    return s, n
+    return s
 
 
 def eval_with_faults(*args, **kwargs):
@@ -48,7 +48,7 @@ def eval_with_faults(*args, **kwargs):
 
 mtl_scale.trainer.optimizer_step = step_with_faults
 mtl_scale.trainer.evaluate_during_training = eval_with_faults
-mtl_scale.engine.token_loss_sum = loss_with_faults
+mtl_scale.engine.summed_loss = loss_with_faults
 
 
 def main():
