@@ -277,8 +277,9 @@ def coupling_sweep(out_root: Path, strengths: list[float], seeds: list[int], ext
             best = report["best"]["method"]
             per_seed.append({"own": statistics.fmean(r["score"] for r in report["own"].values()),
                              "merged": statistics.fmean(r["score"] for r in report["merged"][best].values()),
-                             "worst_retention": report["best"]["worst_retention"], "method": best,
-                             "scale": report["best"]["scale"]})
+                             "worst_retention": min((r for r in report["retention"][best].values() if r is not None),
+                                                    default=None),  # on the report examples, as own and merged
+                             "method": best, "scale": report["best"]["scale"]})
         row = rows[f"{strength:g}"] = {"seeds": per_seed, **{k: statistics.fmean(s[k] or 0.0 for s in per_seed)
                                                               for k in ("own", "merged", "worst_retention")}}
         print(f"coupling {strength:g}: own {100 * row['own']:.1f}%, merged {100 * row['merged']:.1f}%", flush=True)
@@ -298,6 +299,10 @@ def coupling_sweep(out_root: Path, strengths: list[float], seeds: list[int], ext
     ax.plot([100 * r["own"] for r in rows.values()], [100 * r["merged"] for r in rows.values()], "o-")
     for k, r in rows.items():
         ax.annotate(f"λ={k}", (100 * r["own"], 100 * r["merged"]))
+    top = 100 * max(r["own"] for r in rows.values())
+    ax.plot([0, top], [0, top], ":", color="grey", label="merged = own")
+    ax.plot([0, top], [0, 0.9 * top], "--", color="grey", label="merged = 0.9 own (the verdict's bar, on the mean)")
+    ax.legend(loc="upper left", fontsize=8)
     ax.set_xlabel("own-adapter score (%)")
     ax.set_ylabel("merged score (%)")
     ax.set_title("soft, shared A: coupling strength")
