@@ -296,8 +296,9 @@ def coupling_sweep(out_root: Path, strengths: list[float], seeds: list[int], ext
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot([100 * r["own"] for r in rows.values()], [100 * r["merged"] for r in rows.values()], "o-")
-    for k, r in rows.items():
-        ax.annotate(f"λ={k}", (100 * r["own"], 100 * r["merged"]))
+    for i, (k, r) in enumerate(rows.items()):  # alternate above / below: neighbouring strengths sit close
+        ax.annotate(f"λ={k}", (100 * r["own"], 100 * r["merged"]), textcoords="offset points",
+                    xytext=(4, 5 if i % 2 else -12), fontsize=8)
     top = 100 * max(r["own"] for r in rows.values())
     ax.plot([0, top], [0, top], ":", color="grey", label="merged = own")
     ax.plot([0, top], [0, 0.9 * top], "--", color="grey", label="merged = 0.9 own (the verdict's bar, on the mean)")
