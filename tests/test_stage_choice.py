@@ -98,7 +98,7 @@ def test_planner_sizes_grouped_and_packed_micro_batches_by_their_token_budget():
     packed = inputs("batching.mode=packed", "batching.max_tokens=65536")  # flash_attention_2: one row
     assert (packed.micro_batch_size, packed.seq_len) == (1, 65536)
     sdpa = inputs("batching.mode=packed", "batching.max_tokens=65536", "model.attn_implementation=sdpa")
-    assert (sdpa.micro_batch_size, sdpa.seq_len) == (16, 4096)  # rows of 2 x max_seq_len
+    assert (sdpa.micro_batch_size, sdpa.seq_len) == (32, 2048)  # rows of max_seq_len
     grouped = inputs("batching.mode=grouped", "batching.max_tokens=5000")
     assert (grouped.micro_batch_size, grouped.seq_len) == (3, 2048)  # whole rows covering the budget
     assert estimate(shp, packed).peak > estimate(shp, padded).peak
