@@ -302,7 +302,8 @@ def merge_run(run_dir: str | Path, methods: list[str], weights: list[float] | No
                     "weights": dict(zip(task_adapters, weights)), "scales": scales,
                     "split": {"validation": {t: len(d.held_out) for t, d in val_tasks.items()},
                               "report": {t: len(d.held_out) for t, d in tasks.items()}},
-                    "serving": {n: serving_warnings(adapters_root / n) for n in names},
+                    # hybrid: the exports a server loads, filled below (the run's task adapters are r=task_r)
+                    "serving": {} if cfg.sharing == "hybrid" else {n: serving_warnings(adapters_root / n) for n in names},
                     "base": {}, "own": {}, "own_validation": {}, "merged": {}, "retention": {},
                     "validation": {}, "errors": {}}
     with model.disable_adapter():
@@ -319,7 +320,6 @@ def merge_run(run_dir: str | Path, methods: list[str], weights: list[float] | No
         report["shared_only"] = evaluate([SHARED], tasks)
         report["shared_only_retention"] = {t: retention(report["shared_only"][t], report["own"][t]) for t in scored}
         report["hybrid_exports"] = export_hybrid(model, task_adapters, adapters_root, out, base_path)
-        # what a server loads is the exports (task adapters padded to a rank vLLM takes), not the run's r=task_r
         report["serving"] = {f"{kind}/{t}": serving_warnings(Path(path)) for kind in ("on_full", "cat")
                              for t, path in report["hybrid_exports"][kind].items()}
 
