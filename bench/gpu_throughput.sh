@@ -5,16 +5,18 @@
 #
 #   bash bench/gpu_throughput.sh [throughput.py flags ...] [key=value ...]   # e.g. --once, --rounds 1, --nprocs 8
 #
-# Issue 17 (packing, the auto stage, with and without Liger; not yet run on a GPU): mtl_scale's variants only,
+# Issue 17 (packing, the auto stage, with and without Liger; run on an H200, docs/BENCHMARKS.md): mtl_scale's variants only,
 # since the HF stacks read no deepspeed_config=auto; GSM8K from ../shared/data; packed rows use flash-attn's
-# varlen kernel (pip install flash-attn liger-kernel first). MFU counts non-padding tokens only, 4N FLOPs
+# varlen kernel (pip install flash-attn liger-kernel first; without flash-attn, drop the attn_implementation
+# override: sdpa then masks each packed row block-diagonally). MFU counts non-padding tokens only, 4N FLOPs
 # per token for the frozen base (bench/common.py's flops_per_token):
 #   bash bench/gpu_throughput.sh --data realistic --variants ours-hard,ours-packed --once deepspeed_config=auto \
 #       model.attn_implementation=flash_attention_2
 #   bash bench/gpu_throughput.sh --data realistic --variants ours-packed --once deepspeed_config=auto \
 #       model.attn_implementation=flash_attention_2 model.liger_kernels=true
 #
-# NPROCS (default: every visible GPU) ranks; extra flags go to bench.throughput before the overrides.
+# NPROCS (default: every visible GPU) ranks, MICRO_BATCH_SIZE (default 4) examples per micro-batch (packed:
+# that many max_seq_len rows of token budget); extra flags go to bench.throughput before the overrides.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROCS=${NPROCS:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
@@ -26,4 +28,4 @@ print(build_model(argparse.Namespace(hidden=2048, intermediate=8192, layers=16, 
 EOF
 )
 python3 -m bench.throughput --nprocs "$NPROCS" --data synthetic --synthetic-examples 64 --steps 10 --warmup 3 "$@" \
-    model.path="$MODEL" max_seq_len=2048 micro_batch_size=4
+    model.path="$MODEL" max_seq_len=2048 micro_batch_size="${MICRO_BATCH_SIZE:-4}"
