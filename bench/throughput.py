@@ -55,6 +55,8 @@ VARIANTS = {
     "ours-grouped": ("ours", ["sharing=hard", "batching.mode=grouped"]),
     "ours-packed": ("ours", ["sharing=hard", "batching.mode=packed"]),
     "ours-packed-zero2": ("ours", ["sharing=hard", "batching.mode=packed", "deepspeed_config=ds_configs/zero2.json"]),
+    # packed with attention per example (mtl_scale/attention.py), rows of the whole budget
+    "ours-packed-varlen": ("ours", ["sharing=hard", "batching.mode=packed", "model.attn_implementation=sdpa_varlen"]),
     "hf-grouped": ("hf-grouped", ["sharing=hard"]),
     "trl-packed": ("trl-packed", ["sharing=hard", "batching.mode=packed"]),
 }

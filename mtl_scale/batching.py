@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from mtl_scale import attention
 from mtl_scale.config import RunConfig
 from mtl_scale.data.formatting import IGNORE, real_tokens
 from mtl_scale.data.formatting import collate as collate_padded
@@ -178,7 +179,7 @@ def row_tokens(cfg: RunConfig) -> int:
     """packed: tokens per row (``batching.row_tokens``, or its default; see config.BatchingConfig)."""
     if cfg.batching.row_tokens:
         return cfg.batching.row_tokens
-    if cfg.model.attn_implementation == "flash_attention_2":
+    if cfg.model.attn_implementation in ("flash_attention_2", attention.NAME):  # attention per example
         return cfg.batching.max_tokens
     # The longest example: sdpa and eager apply the block-diagonal mask densely, so attention costs the
     # square of the row. Measured (bench.throughput --data realistic, 2 CPU ranks, docs/BENCHMARKS.md):

@@ -48,7 +48,9 @@ class ModelConfig:
     dtype: str = "fp32"
     """Training dtype of the base weights: fp32 | bf16 | fp16. Use bf16 on GPUs; CPU runs need fp32."""
     attn_implementation: str = "sdpa"
-    """Passed to ``from_pretrained``: sdpa | eager | flash_attention_2 (GPU, needs flash-attn)."""
+    """Passed to ``from_pretrained``: sdpa | eager | flash_attention_2 (GPU, needs flash-attn) | sdpa_varlen
+    (mtl_scale/attention.py: sdpa, but packed rows cost attention per example, as flash-attn varlen does,
+    on any device)."""
     trust_remote_code: bool = False
     """Run code shipped with the checkpoint. Off unless you trust the checkpoint's source."""
     gradient_checkpointing: bool = False
@@ -208,8 +210,8 @@ class BatchingConfig:
     padded: must stay 0."""
     row_tokens: int = 0
     """packed: most tokens in one row; a micro-batch holds max_tokens // row_tokens rows, packed best-fit-
-    decreasing. 0: max_tokens (one row) under model.attn_implementation=flash_attention_2, whose varlen
-    kernel costs linear in the row; else max_seq_len, because sdpa and eager apply the block-diagonal
+    decreasing. 0: max_tokens (one row) under model.attn_implementation=flash_attention_2 or sdpa_varlen,
+    whose attention costs per example; else max_seq_len, because sdpa and eager apply the block-diagonal
     mask densely (quadratic in the row). Larger rows pack tighter. Between max_seq_len and max_tokens."""
 
 

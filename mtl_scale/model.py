@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from mtl_scale import attention
 from mtl_scale.config import TINY_MODEL, ModelConfig
 from mtl_scale.errors import UserError
 
@@ -93,6 +94,8 @@ def load_model(cfg: ModelConfig, path: str):
         raise UserError(f"cannot load a model config from model.path={path!r}: {e}") from None
     if cfg.attn_implementation == "flash_attention_2":
         _check_flash_attention(cfg)
+    if cfg.attn_implementation == attention.NAME:
+        attention.register()
     extra = {}
     if cfg.quantization != "none":
         extra["quantization_config"] = quantization_config(cfg)

@@ -238,4 +238,7 @@ def test_batching_config_errors():
     cfg = load_config(None, base + ["batching.mode=packed", "batching.max_tokens=1024",
                                     "model.attn_implementation=flash_attention_2"])
     assert batching.row_tokens(cfg) == 1024
+    cfg = load_config(None, base + ["batching.mode=packed", "batching.max_tokens=1024",
+                                    "model.attn_implementation=sdpa_varlen"])  # attention per example too
+    assert batching.row_tokens(cfg) == 1024
 

@@ -147,8 +147,9 @@ CASES = {  # id: overrides
     # packed: 2 rows of <= 64 tokens per micro-batch; grouped: as many as fit 80 padded tokens. Either way
     # the micro-batches hold varying numbers of examples.
     "soft-packed": ["sharing=soft", "batching.mode=packed", "batching.max_tokens=128", "batching.row_tokens=64"],
+    # ... and attention per example (model.attn_implementation=sdpa_varlen), against the padded reference
     "hybrid-pcgrad-packed": ["sharing=hybrid", "surgery.method=pcgrad", "batching.mode=packed",
-                             "batching.max_tokens=128", "batching.row_tokens=64"],
+                             "batching.max_tokens=128", "batching.row_tokens=64", "model.attn_implementation=sdpa_varlen"],
     "soft-task-grouped": ["sharing=soft", "loss.task_weighting=task", "batching.mode=grouped",
                           "batching.max_tokens=80"],
 }

@@ -316,7 +316,7 @@ def test_plan_from_the_shipped_8gpu_config_as_json(capsys):
     (["lora.rank=4"], "unknown key lora.rank"),
     (["--dtype", "fp8"], "--dtype='fp8' is not allowed; choose one of: fp32, bf16, fp16"),
     (["model.attn_implementation=flex_attention"],
-     "model.attn_implementation='flex_attention' is not allowed; choose one of: sdpa, eager, flash_attention_2"),
+     "model.attn_implementation='flex_attention' is not allowed; choose one of: sdpa, sdpa_varlen, eager, flash_attention_2"),
     (["--model", "docs"], "--model docs: a directory without config.json"),
     (["--model", "ds_configs/zero3.json"], "--model ds_configs/zero3.json: not a model config.json"),
     (["--zero-stage", "2", "surgery.method=pcgrad", "sharing=hard"], "surgery.method=pcgrad / surgery.telemetry "

@@ -23,7 +23,7 @@ DS_DTYPES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32"
              "bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
              "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16"}
 OFFLOADS = ("none", "optimizer", "optimizer+params")
-ATTENTION = ("sdpa", "eager", "flash_attention_2")
+ATTENTION = ("sdpa", "sdpa_varlen", "eager", "flash_attention_2")
 
 
 # ---------------------------------------------------------------------------------------------

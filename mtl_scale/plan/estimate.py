@@ -318,7 +318,7 @@ def activation_bytes_per_token(shape: ModelShape, inp: PlanInputs,
     layer = norms + attn + mlp + p * sum(shared.values()) + lora_in + lora_out
     once = 4 * h + 4 + (p * h if wrap else 0)  # the final norm's fp32 input (and lm_head's input)
     if inp.padded and inp.attn_implementation != "flash_attention_2":
-        once += s * (1 if inp.attn_implementation == "sdpa" else p)  # the b x s x s mask, per token
+        once += s * (1 if inp.attn_implementation in ("sdpa", "sdpa_varlen") else p)  # the b x s x s mask, per token
     return {"layer": layer, "once": once, "checkpoint": p * h, "backward_layer": 8 * i}
 
 

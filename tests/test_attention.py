@@ -1,0 +1,87 @@
+"""model.attn_implementation=sdpa_varlen (mtl_scale/attention.py): packed rows attended per example give
+what transformers' sdpa with its block-diagonal mask gives, values and gradients; everything else is sdpa."""
+import pytest
+import torch
+
+from mtl_scale import attention, batching
+from mtl_scale.data.formatting import IGNORE, collate, model_inputs, token_loss_sum
+
+
+def test_segments_start_where_positions_restart():
+    assert attention.segments([0, 1, 2, 0, 1, 0]) == [(0, 3), (3, 5), (5, 6)]
+    assert attention.segments([0, 1, 2, 3]) == [(0, 4)]
+    assert attention.segments([0, 0]) == [(0, 1), (1, 2)]
+    with pytest.raises(ValueError, match="must start at 0"):
+        attention.segments([1, 2, 0])
+
+
+def _examples(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(5, 250, (n,), generator=g).tolist()
+        out.append((ids, [IGNORE] * min(3, n) + ids[3:]))
+    return out
+
+
+def _models(path_or_config):
+    """The same weights under sdpa and sdpa_varlen, fp32, train mode."""
+    from transformers import AutoModelForCausalLM
+    attention.register()
+    out = {}
+    for impl in ("sdpa", attention.NAME):
+        torch.manual_seed(0)
+        if isinstance(path_or_config, str):
+            out[impl] = AutoModelForCausalLM.from_pretrained(path_or_config, attn_implementation=impl,
+                                                             dtype=torch.float32)
+        else:
+            out[impl] = AutoModelForCausalLM.from_config(path_or_config, attn_implementation=impl, dtype=torch.float32)
+        out[impl].config.use_cache = False
+        out[impl].train()
+    return out
+
+
+def _gqa_config():
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+@pytest.mark.parametrize("which", ["tiny", "gqa"])
+def test_packed_rows_equal_sdpa_with_its_block_diagonal_mask(which, tiny_model_dir):
+    """Logits, summed loss and every weight's gradient, rows holding several examples and right padding
+    (its own sequence), with GQA (2 KV heads for 4) and without."""
+    models = _models(str(tiny_model_dir) if which == "tiny" else _gqa_config())
+    examples = _examples([7, 12, 5, 9, 16, 3, 11, 40, 1, 60])
+    batch = batching.collate_packed(examples, pad_id=0, row_tokens=64)
+    assert batch["input_ids"].shape[0] > 1 and (batch["position_ids"] == 0).sum() > len(examples)  # padded rows
+    out = {}
+    for impl, model in models.items():
+        logits = model(**model_inputs(batch)).logits
+        loss, _ = token_loss_sum(logits, batch["labels"])
+        loss.backward()
+        out[impl] = logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = out["sdpa"], out[attention.NAME]
+    real = batch["token_mask"].bool()
+    torch.testing.assert_close(logits[real], ref_logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-6)
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():  # float32 sums over ~220 tokens: tolerance relative to the largest entry
+        ref = ref_grads[name]
+        torch.testing.assert_close(g, ref, atol=1e-6 * float(ref.abs().max()) + 1e-7, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_padded_batches_and_generation_run_sdpa_unchanged(tiny_model_dir):
+    """A batch with an attention mask (padded micro-batches, evaluation) and cached decoding fall back to
+    transformers' sdpa: the same logits and the same greedy continuation."""
+    models = _models(str(tiny_model_dir))
+    examples = _examples([7, 12, 5, 20])
+    padded = collate(examples, pad_id=0)
+    with torch.no_grad():
+        a, b = (models[i](**model_inputs(padded)).logits for i in ("sdpa", attention.NAME))
+    torch.testing.assert_close(b, a, atol=0, rtol=0)
+    prompt = torch.tensor([examples[3][0]])
+    greedy = [m.eval().generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True) for m in models.values()]
+    assert greedy[0].shape[1] == prompt.shape[1] + 8 and torch.equal(greedy[0], greedy[1])
+
