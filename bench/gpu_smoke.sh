@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU paths on a CUDA machine, end to end on the embedded default: bf16 ZeRO-3 training over NCCL
 # (soft sharing, then hard + PCGrad), stock-PEFT evaluation of the saved adapters, the surgery step-time
-# ratio, and what attn_implementation=flash_attention_2 does with and without the flash-attn package.
+# ratio, what attn_implementation=flash_attention_2 does with and without the flash-attn package, and with
+# liger-kernel installed, Liger's fused loss against the logits path (tests/test_kernels.py) and a ZeRO-3 run
+# with model.liger_kernels=true beside one without (the same losses: docs/BENCHMARKS.md, H200).
 #
 #   bash bench/gpu_smoke.sh [OUT_DIR]          # default runs/gpu_smoke; uses every visible GPU
 #
@@ -23,7 +25,7 @@ step() {  # name, command...: run, keep the log, print the summary lines
     "$@" > "$OUT/$name.log" 2>&1
     local code=$?
     echo "== $name: exit $code, $((SECONDS - t0)) s"
-    grep -E "error|Error|nccl|NCCL|ZeRO stage|RATIO|median|exact match|\| (copy|reverse|sort|add) " "$OUT/$name.log" \
+    grep -E "error|Error|nccl|NCCL|ZeRO stage|RATIO|median|exact match| passed| failed|\| (copy|reverse|sort|add) " "$OUT/$name.log" \
         | grep -v -E "FutureWarning|UserWarning" | tail -n 14
     [ $code -eq 0 ] || status=1
 }
@@ -47,5 +49,16 @@ else
     $DS $FA2 > "$OUT/flash_attention_2.log" 2>&1
     echo "== flash_attention_2: flash-attn not installed; exit $?, the user sees:"
     grep -m 2 "mtl_scale: error" "$OUT/flash_attention_2.log"
+fi
+if python3 -c "import liger_kernel" 2>/dev/null; then
+    step liger_test python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+    for L in false true; do
+        step "train_hard_liger_$L" $DS launch/train.py --config configs/demo.yaml model.dtype=bf16 sharing=hard \
+            max_steps=40 eval.every_steps=0 eval.max_examples=8 model.liger_kernels=$L output_dir="$OUT/liger_$L"
+        python3 -c "import json, sys; s = json.load(open(sys.argv[1]))['final']; print('liger=$L', {k: round(v, 4)
+            for k, v in s.items() if k.startswith(('eval/loss', 'loss', 'step_time'))})" "$OUT/liger_$L/train_summary.json"
+    done
+else
+    echo "== liger: liger-kernel not installed; skipped"
 fi
 exit $status
