@@ -9,13 +9,17 @@ kernel with no mask (PyTorch's flash kernel on CPU too). PyTorch has no CPU varl
 ``torch.nn.attention.varlen.varlen_attn`` is CUDA-only, and nested-tensor sdpa has no CPU backend.
 
 It is registered with transformers' attention and mask interfaces (``register``), so the model code is
-stock: the mask function builds no mask when the batch has no padding mask (packed micro-batches have
-none), and everything else, padded batches with an attention mask and decoding with a KV cache (evaluation,
-generation), runs transformers' own sdpa unchanged.
+stock: the mask function builds no mask for a forward with no padding mask and no cached prefix (a
+training micro-batch, packed or not), and everything else, padded batches with an attention mask and
+forwards that continue a KV cache (evaluation, generation), runs transformers' own sdpa unchanged. It is
+for full causal attention: models with a sliding window or logit soft-capping are refused
+(``check_model``), since per-example attention would silently drop them.
 """
 from __future__ import annotations
 
 import torch
+
+from mtl_scale.errors import UserError
 
 NAME = "sdpa_varlen"
 
@@ -35,23 +39,43 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
     returns the output as (B, T, H, D) and no weights."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
+    if (attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]
+            or kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, position_ids=position_ids, **kwargs)
     gqa = query.shape[1] != key.shape[1]
     rows = []
     for b, positions in enumerate(position_ids.expand(query.shape[0], -1).tolist()):
+        # each segment's output transposed to (1, n, H, D) and concatenated in that layout: the one copy the
+        # model keeps besides the outputs sdpa's backward saves (the planner counts it, plan/estimate.py)
         rows.append(torch.cat([torch.nn.functional.scaled_dot_product_attention(
             query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], dropout_p=dropout,
-            is_causal=True, scale=scaling, enable_gqa=gqa) for s, e in segments(positions)], dim=2))
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
+            is_causal=True, scale=scaling, enable_gqa=gqa).transpose(1, 2) for s, e in segments(positions)], dim=1))
+    return torch.cat(rows), None
 
 
-def _mask(*args, attention_mask=None, **kwargs):
-    """No mask for a batch without a padding mask (the attention function cuts it per example); else sdpa's."""
+def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, local_size=None,
+          **kwargs):
+    """No mask for a whole sequence without a padding mask (the attention function cuts it per example);
+    sdpa's for a padding mask, a cached prefix (offsets, or fewer queries than keys) or a sliding window."""
     from transformers.masking_utils import sdpa_mask
 
-    return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+    if attention_mask is None and q_offset == kv_offset == 0 and q_length == kv_length and local_size is None:
+        return None
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                     attention_mask=attention_mask, local_size=local_size, **kwargs)
+
+
+def check_model(hf_config) -> None:
+    """Refuse what one causal attention per example would compute wrongly: a sliding window (Mistral,
+    Qwen2 with use_sliding_window, Gemma 2/3) or soft-capped attention logits (Gemma 2)."""
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True):
+        raise UserError(f"model.attn_implementation={NAME} computes full causal attention per example; this "
+                        f"{hf_config.model_type} model has sliding_window={window}. Use sdpa or flash_attention_2")
+    if getattr(hf_config, "attn_logit_softcapping", None):
+        raise UserError(f"model.attn_implementation={NAME} has no attention logit soft-capping "
+                        f"(this {hf_config.model_type} model uses it). Use eager or flash_attention_2")
 
 
 def register() -> None:

@@ -95,6 +95,7 @@ def load_model(cfg: ModelConfig, path: str):
     if cfg.attn_implementation == "flash_attention_2":
         _check_flash_attention(cfg)
     if cfg.attn_implementation == attention.NAME:
+        attention.check_model(hf_config)
         attention.register()
     extra = {}
     if cfg.quantization != "none":

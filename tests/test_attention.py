@@ -1,5 +1,7 @@
 """model.attn_implementation=sdpa_varlen (mtl_scale/attention.py): packed rows attended per example give
 what transformers' sdpa with its block-diagonal mask gives, values and gradients; everything else is sdpa."""
+import copy
+
 import pytest
 import torch
 
@@ -34,8 +36,10 @@ def _models(path_or_config):
         if isinstance(path_or_config, str):
             out[impl] = AutoModelForCausalLM.from_pretrained(path_or_config, attn_implementation=impl,
                                                              dtype=torch.float32)
-        else:
-            out[impl] = AutoModelForCausalLM.from_config(path_or_config, attn_implementation=impl, dtype=torch.float32)
+        else:  # from_config writes the implementation into the config it is given: one copy each
+            out[impl] = AutoModelForCausalLM.from_config(copy.deepcopy(path_or_config), attn_implementation=impl,
+                                                         dtype=torch.float32)
+        assert out[impl].config._attn_implementation == impl
         out[impl].config.use_cache = False
         out[impl].train()
     return out
@@ -73,8 +77,8 @@ def test_packed_rows_equal_sdpa_with_its_block_diagonal_mask(which, tiny_model_d
 
 
 def test_padded_batches_and_generation_run_sdpa_unchanged(tiny_model_dir):
-    """A batch with an attention mask (padded micro-batches, evaluation) and cached decoding fall back to
-    transformers' sdpa: the same logits and the same greedy continuation."""
+    """A batch with an attention mask (padded micro-batches, evaluation) runs transformers' sdpa, and greedy
+    generation (prefill per example, then cached decoding on sdpa) continues as sdpa's does."""
     models = _models(str(tiny_model_dir))
     examples = _examples([7, 12, 5, 20])
     padded = collate(examples, pad_id=0)
@@ -85,3 +89,32 @@ def test_padded_batches_and_generation_run_sdpa_unchanged(tiny_model_dir):
     greedy = [m.eval().generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True) for m in models.values()]
     assert greedy[0].shape[1] == prompt.shape[1] + 8 and torch.equal(greedy[0], greedy[1])
 
+
+
+def test_a_forward_continuing_a_cache_without_a_mask_runs_sdpa():
+    """A chunk of several new tokens after a cached prefix, no attention mask (chunked prefill): sdpa's
+    offset causal mask, not a causal triangle over the new tokens alone."""
+    from transformers import DynamicCache
+    config = _gqa_config()
+    ids = torch.randint(5, 250, (1, 20), generator=torch.Generator().manual_seed(0))
+    for impl, model in _models(config).items():
+        model.eval()
+        with torch.no_grad():
+            full = model(ids).logits[:, 12:]
+            cache = DynamicCache(config=config)
+            model(ids[:, :12], past_key_values=cache, use_cache=True)
+            chunk = model(ids[:, 12:], past_key_values=cache, use_cache=True).logits
+        torch.testing.assert_close(chunk, full, atol=1e-5, rtol=1e-5, msg=lambda m, impl=impl: f"{impl}: {m}")
+
+
+def test_models_whose_attention_is_not_full_causal_are_refused():
+    from transformers import Gemma2Config, MistralConfig, Qwen2Config
+    from mtl_scale.errors import UserError
+    with pytest.raises(UserError, match="sdpa_varlen computes full causal attention per example; this mistral "
+                                        "model has sliding_window=4096. Use sdpa or flash_attention_2"):
+        attention.check_model(MistralConfig(sliding_window=4096))
+    with pytest.raises(UserError, match="no attention logit soft-capping .*gemma2"):
+        attention.check_model(Gemma2Config(sliding_window=None))
+    attention.check_model(MistralConfig(sliding_window=None))
+    attention.check_model(Qwen2Config(use_sliding_window=False, sliding_window=4096))  # the window is off
+    attention.check_model(_gqa_config())

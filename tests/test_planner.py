@@ -74,9 +74,12 @@ def _autograd_saved_bytes(layers: int, dtype, attn: str, dropout: float = 0.0, c
                           zero3: bool = False, b: int = 3, s: int = 40) -> int:
     """Bytes of distinct non-parameter storages autograd saves in one forward of a PEFT Llama.
     zero3: as in a run built under zero.Init: fp32 adapters kept on a bf16 base, and
-    torch.nn.functional.linear replaced by DeepSpeed's zero3_linear_wrap."""
+    torch.nn.functional.linear replaced by DeepSpeed's zero3_linear_wrap. sdpa_varlen: packed rows (two
+    examples each, position ids restarting, no mask), the path it exists for."""
     import peft
     from transformers import LlamaConfig, LlamaForCausalLM
+    from mtl_scale import attention
+    attention.register()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=352, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, attn_implementation=attn, use_cache=False)
@@ -103,7 +106,11 @@ def _autograd_saved_bytes(layers: int, dtype, attn: str, dropout: float = 0.0, c
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             ids = torch.randint(0, 300, (b, s))
-            model.base_model.model.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            if attn == attention.NAME:
+                positions = torch.cat([torch.arange(s // 3), torch.arange(s - s // 3)]).expand(b, -1)
+                model.base_model.model.model(input_ids=ids, position_ids=positions)
+            else:
+                model.base_model.model.model(input_ids=ids, attention_mask=torch.ones_like(ids))
     finally:
         torch.nn.functional.linear = linear
     return sum(saved.values())
@@ -115,6 +122,7 @@ def _autograd_saved_bytes(layers: int, dtype, attn: str, dropout: float = 0.0, c
     (torch.float32, "sdpa", 0.1, False, False), (torch.bfloat16, "sdpa", 0.0, True, False),
     (torch.bfloat16, "sdpa", 0.0, False, True), (torch.bfloat16, "sdpa", 0.1, False, True),
     (torch.bfloat16, "eager", 0.0, False, True), (torch.float32, "sdpa", 0.0, False, True),
+    (torch.float32, "sdpa_varlen", 0.0, False, False), (torch.bfloat16, "sdpa_varlen", 0.0, False, True),
 ])
 def test_activation_formula_equals_what_autograd_saves_per_layer(dtype, attn, dropout, checkpointing, zero3):
     """One more decoder layer adds exactly the formula's bytes (CPU, so dropout masks are in dtype);
