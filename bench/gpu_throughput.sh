@@ -14,6 +14,8 @@
 #       model.attn_implementation=flash_attention_2
 #   bash bench/gpu_throughput.sh --data realistic --variants ours-packed --once deepspeed_config=auto \
 #       model.attn_implementation=flash_attention_2 model.liger_kernels=true
+# Without flash-attn, packed rows under sdpa's dense mask against attention per example (not yet run on a GPU):
+#   bash bench/gpu_throughput.sh --data realistic --variants ours-packed,ours-packed-varlen --once deepspeed_config=auto
 #
 # NPROCS (default: every visible GPU) ranks, MICRO_BATCH_SIZE (default 4) examples per micro-batch (packed:
 # that many max_seq_len rows of token budget); extra flags go to bench.throughput before the overrides.
