@@ -90,7 +90,6 @@ def test_padded_batches_and_generation_run_sdpa_unchanged(tiny_model_dir):
     assert greedy[0].shape[1] == prompt.shape[1] + 8 and torch.equal(greedy[0], greedy[1])
 
 
-
 def test_a_forward_continuing_a_cache_without_a_mask_runs_sdpa():
     """A chunk of several new tokens after a cached prefix, no attention mask (chunked prefill): sdpa's
     offset causal mask, not a causal triangle over the new tokens alone."""
