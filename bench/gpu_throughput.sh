@@ -14,6 +14,9 @@
 #       model.attn_implementation=flash_attention_2
 #   bash bench/gpu_throughput.sh --data realistic --variants ours-packed --once deepspeed_config=auto \
 #       model.attn_implementation=flash_attention_2 model.liger_kernels=true
+# Where a step's time goes (torch.profiler: DIR/<stack>-<sharing>-<n>.json trace and .txt table by GPU time):
+#   bash bench/gpu_throughput.sh --data realistic --variants ours-hard,ours-packed --once --steps 3 \
+#       --kernel-profile runs/kernels deepspeed_config=auto
 # Without flash-attn, packed rows under sdpa's dense mask against attention per example (not yet run on a GPU):
 #   bash bench/gpu_throughput.sh --data realistic --variants ours-packed,ours-packed-varlen --once deepspeed_config=auto
 #

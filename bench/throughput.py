@@ -182,6 +182,9 @@ def main() -> None:
     parser.add_argument("--profile", metavar="DIR", help="cProfile rank 0 of every launch into DIR/<stack>-<sharing>-"
                         "<n>.prof (compare two with python -m bench.profile_diff); the timings then include "
                         "the profiler's")
+    parser.add_argument("--kernel-profile", metavar="DIR", help="torch.profiler on rank 0's timed steps of every "
+                        "launch: DIR/<stack>-<sharing>-<n>.json (Chrome trace: chrome://tracing, Perfetto) and .txt "
+                        "(operators and kernels by self time, GPU time on CUDA)")
     parser.add_argument("overrides", nargs="*", help="run-config key=value for both stacks (model.path=...)")
     args = parser.parse_args()
     variants = (args.variants or (BATCHING_VARIANTS if args.data == "realistic" else "ours-hard,hf,ours-soft")).split(",")
@@ -201,6 +204,8 @@ def main() -> None:
     dtype = ["model.dtype=bf16"] if on_cuda and not any(o.startswith("model.dtype=") for o in args.overrides) else []
     overrides = [*BASE_OVERRIDES, *dtype, *args.overrides]
     env = {"MTL_SCALE_PROFILE": str(Path(args.profile).resolve())} if args.profile else {}
+    if args.kernel_profile:
+        env["MTL_SCALE_KERNEL_PROFILE"] = str(Path(args.kernel_profile).resolve())
     if not on_cuda and "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks share the machine's cores: the same explicit share for every stack (accelerate and
         # mtl_scale would each pick one otherwise, by different rules).

@@ -226,6 +226,38 @@ def measure_hf(cfg: RunConfig, clock: StepClock, group_by_length: bool = False,
     return info, trainer.args.device
 
 
+def timed_window_profilers(stem: str) -> list[tuple[Callable[[], None], Callable[[], None]]]:
+    """(start, stop) pairs for rank 0's timed steps: cProfile (python -m bench.throughput --profile DIR:
+    DIR/<stem>-<n>.prof) and torch.profiler (--kernel-profile DIR: the kernels and operators, host and GPU;
+    DIR/<stem>-<n>.json, a Chrome trace, and DIR/<stem>-<n>.txt, the operators by self time)."""
+    out = []
+    if os.environ.get("MTL_SCALE_PROFILE"):
+        import cProfile
+        stats = _numbered(Path(os.environ["MTL_SCALE_PROFILE"]), stem, ".prof")
+        profiler = cProfile.Profile()
+        out.append((profiler.enable, lambda: (profiler.disable(), profiler.dump_stats(stats))))
+    if os.environ.get("MTL_SCALE_KERNEL_PROFILE"):
+        trace = _numbered(Path(os.environ["MTL_SCALE_KERNEL_PROFILE"]), stem, ".json")
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        kernels = torch.profiler.profile(activities=activities)
+
+        def stop() -> None:
+            kernels.stop()
+            kernels.export_chrome_trace(str(trace))
+            sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            trace.with_suffix(".txt").write_text(kernels.key_averages().table(sort_by=sort, row_limit=60) + "\n")
+        out.append((kernels.start, stop))
+    return out
+
+
+def _numbered(directory: Path, stem: str, suffix: str) -> Path:
+    """directory/<stem>-<n><suffix>, n the launches of that stem already there."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{stem}-{len(list(directory.glob(f'{stem}-*{suffix}')))}{suffix}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stack", choices=["ours", "hf", "hf-grouped", "trl-packed"], required=True)
@@ -238,18 +270,11 @@ def main() -> None:
     measure = {"ours": measure_ours, "hf": measure_hf,
                "hf-grouped": lambda c, k: measure_hf(c, k, group_by_length=True),
                "trl-packed": lambda c, k: measure_hf(c, k, trl_packing=True)}[args.stack]
-    profile_dir = os.environ.get("MTL_SCALE_PROFILE")  # python -m bench.throughput --profile DIR
-    if profile_dir and int(os.environ.get("RANK", "0")) == 0:
-        import cProfile
-        Path(profile_dir).mkdir(parents=True, exist_ok=True)
-        n = len(list(Path(profile_dir).glob(f"{args.stack}-{cfg.sharing}-*.prof")))
-        profiler = cProfile.Profile()
-        clock.after_warmup = (args.warmup, profiler.enable)  # the timed steps only
-        info, device = measure(cfg, clock)
-        profiler.disable()
-        profiler.dump_stats(Path(profile_dir) / f"{args.stack}-{cfg.sharing}-{n}.prof")
-    else:
-        info, device = measure(cfg, clock)
+    profilers = timed_window_profilers(f"{args.stack}-{cfg.sharing}") if int(os.environ.get("RANK", "0")) == 0 else []
+    clock.after_warmup = (args.warmup, lambda: [start() for start, _ in profilers])  # the timed steps only
+    info, device = measure(cfg, clock)
+    for _, stop in profilers:
+        stop()
     if len(clock.marks) != cfg.max_steps:
         raise RuntimeError(f"{args.stack}: {len(clock.marks)} optimizer steps seen, expected {cfg.max_steps}")
     w = window(clock.marks, args.warmup)

@@ -106,7 +106,8 @@ def test_synthetic_tasks_are_exactly_max_seq_len_tokens(tmp_path, tiny_tokenizer
 def test_driver_end_to_end_both_stacks_on_zero3(tmp_path):
     out = tmp_path / "summary.json"
     res = _run([sys.executable, "-m", "bench.throughput", "--once", "--warmup", "1", "--steps", "2",
-                "--json", str(out), "--profile", str(tmp_path / "prof")], timeout=240, env=None)
+                "--json", str(out), "--profile", str(tmp_path / "prof"), "--kernel-profile", str(tmp_path / "kern")],
+               timeout=240, env=None)
     assert res.returncode == 0, res.stdout[-20000:]
     printed = {name: float(value) for name, value in re.findall(r"^RATIO (.+?) = ([\d.]+)", res.stdout, re.MULTILINE)}
     assert set(printed) == {"ours-hard/hf tokens_per_s", "ours-hard/hf step_time", "ours-soft/ours-hard step_time"}
@@ -135,6 +136,15 @@ def test_driver_end_to_end_both_stacks_on_zero3(tmp_path):
     assert diff.returncode == 0, diff.stdout
     # mtl_scale's step runs only in the second profile: its calls go from 0 to one per timed step (2)
     assert re.search(r"\s0 ->\s+2\s+/\S*mtl_scale/engine.py:\d+ optimizer_step$", diff.stdout, re.MULTILINE), diff.stdout
+    # --kernel-profile: torch.profiler's trace and operator table of the same launches
+    kern = tmp_path / "kern"
+    assert sorted(p.name for p in kern.iterdir()) == sorted(f"{v}-0.{x}" for v in ("hf-hard", "ours-hard", "ours-soft")
+                                                            for x in ("json", "txt"))
+    trace = json.loads((kern / "ours-hard-0.json").read_text())
+    ops = {e["name"] for e in trace["traceEvents"] if e.get("cat") == "cpu_op"}
+    assert {"aten::mm", "aten::scaled_dot_product_attention"} <= ops, sorted(ops)
+    table = (kern / "ours-hard-0.txt").read_text()
+    assert "Self CPU" in table and "aten::" in table
 
 
 def test_realistic_tasks_have_gsm8k_and_long_tailed_lengths(tmp_path, tiny_tokenizer, gsm8k_path):
