@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mtl_scale import attention, batching
-from mtl_scale.data.formatting import IGNORE, collate, model_inputs, token_loss_sum
+from mtl_scale.data.formatting import collate, model_inputs, token_loss_sum
+from token_examples import token_examples
 
 
 def test_segments_start_where_positions_restart():
@@ -15,15 +16,6 @@ def test_segments_start_where_positions_restart():
     assert attention.segments([0, 0]) == [(0, 1), (1, 2)]
     with pytest.raises(ValueError, match="must start at 0"):
         attention.segments([1, 2, 0])
-
-
-def _examples(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(5, 250, (n,), generator=g).tolist()
-        out.append((ids, [IGNORE] * min(3, n) + ids[3:]))
-    return out
 
 
 def _models(path_or_config):
@@ -56,7 +48,7 @@ def test_packed_rows_equal_sdpa_with_its_block_diagonal_mask(which, tiny_model_d
     """Logits, summed loss and every weight's gradient, rows holding several examples and right padding
     (its own sequence), with GQA (2 KV heads for 4) and without."""
     models = _models(str(tiny_model_dir) if which == "tiny" else _gqa_config())
-    examples = _examples([7, 12, 5, 9, 16, 3, 11, 40, 1, 60])
+    examples = token_examples([7, 12, 5, 9, 16, 3, 11, 40, 1, 60])
     batch = batching.collate_packed(examples, pad_id=0, row_tokens=64)
     assert batch["input_ids"].shape[0] > 1 and (batch["position_ids"] == 0).sum() > len(examples)  # padded rows
     out = {}
@@ -80,7 +72,7 @@ def test_padded_batches_and_generation_run_sdpa_unchanged(tiny_model_dir):
     """A batch with an attention mask (padded micro-batches, evaluation) runs transformers' sdpa, and greedy
     generation (prefill per example, then cached decoding on sdpa) continues as sdpa's does."""
     models = _models(str(tiny_model_dir))
-    examples = _examples([7, 12, 5, 20])
+    examples = token_examples([7, 12, 5, 20])
     padded = collate(examples, pad_id=0)
     with torch.no_grad():
         a, b = (models[i](**model_inputs(padded)).logits for i in ("sdpa", attention.NAME))

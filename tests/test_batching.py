@@ -10,16 +10,7 @@ from mtl_scale import batching
 from mtl_scale.config import ConfigError, load_config
 from mtl_scale.data.formatting import IGNORE, collate, completion_tokens, model_inputs, real_tokens, token_loss_sum
 from mtl_scale.sampling import ShardReader
-
-
-def _examples(lengths, seed=0, prompt=3):
-    """(input_ids, labels) pairs: ``prompt`` unlabelled tokens, then labelled ones."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(5, 250, (n,), generator=g).tolist()
-        out.append((ids, [IGNORE] * min(prompt, n) + ids[prompt:]))
-    return out
+from token_examples import token_examples
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +35,7 @@ def _segments(examples, row_tokens):
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_packed_rows_give_each_example_the_logits_it_has_alone(tiny_models, impl):
     model = tiny_models[impl].train()  # train mode, as in a step: Llama would make a cache from config.use_cache
-    examples = _examples([7, 12, 5, 9, 16, 3])
+    examples = token_examples([7, 12, 5, 9, 16, 3])
     batch = batching.collate_packed(examples, pad_id=0, row_tokens=20)
     assert batch["input_ids"].shape[0] == 3 and "attention_mask" not in batch
     with torch.no_grad():
@@ -60,7 +51,7 @@ def test_packed_rows_give_each_example_the_logits_it_has_alone(tiny_models, impl
 
 def test_packed_loss_per_example_and_per_token_equals_padded(tiny_models):
     model = tiny_models["sdpa"].train()
-    examples = _examples([7, 12, 5, 9, 16, 3, 11], seed=1)
+    examples = token_examples([7, 12, 5, 9, 16, 3, 11], seed=1)
     padded = collate(examples, pad_id=0)
     packed = batching.collate_packed(examples, pad_id=0, row_tokens=30)
     with torch.no_grad():
@@ -90,7 +81,7 @@ def test_loss_taken_in_the_model_equals_the_logits_path(tiny_model_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
                                                       init_lora_weights=False)).train()
-    examples = _examples([7, 12, 5, 9, 16, 3, 11], seed=2)
+    examples = token_examples([7, 12, 5, 9, 16, 3, 11], seed=2)
     for batch in (collate(examples, pad_id=0), batching.collate_packed(examples, pad_id=0, row_tokens=30)):
         losses, grads = [], []
         for in_model in (False, True):
@@ -109,7 +100,7 @@ def test_loss_taken_in_the_model_equals_the_logits_path(tiny_model_dir):
 
 def test_example_count_padded_and_packed():
     from mtl_scale.data.formatting import example_count
-    examples = _examples([7, 12, 5, 9, 16, 3])
+    examples = token_examples([7, 12, 5, 9, 16, 3])
     assert example_count(collate(examples, pad_id=0)) == 6
     packed = batching.collate_packed(examples, pad_id=0, row_tokens=20)  # rows 19, 14, 19: padding restarts at 0
     assert (packed["token_mask"] == 0).any() and example_count(packed) == 6
@@ -128,7 +119,7 @@ def test_packed_boundary_token_predicts_nothing():
 
 def test_packed_rows_fit_and_padding_is_its_own_sequence():
     lengths = [50, 30, 20, 40, 30, 10, 10, 5]  # 195 tokens, rows of <= 100 in this order: 100 + 95
-    batch = batching.collate_packed(_examples(lengths), pad_id=0, row_tokens=100)
+    batch = batching.collate_packed(token_examples(lengths), pad_id=0, row_tokens=100)
     rows = batch["token_mask"].sum(1).tolist()
     assert sorted(rows) == [95, 100] and batch["input_ids"].shape == (2, 100)
     r = rows.index(min(rows))
@@ -141,7 +132,7 @@ def test_packed_micro_batch_keeps_the_rows_it_was_packed_into():
     """The memory budget: a micro-batch of max_tokens // row_tokens rows is laid out in no more rows. Rows
     [5, 3, 2] and [4, 3, 3] (capacity 10) fill 2 rows; best-fit-decreasing packing them afresh needs 3."""
     assert len(batching.best_fit_decreasing(range(6), [5, 3, 2, 4, 3, 3], 10)) == 3
-    batch = batching.collate_packed(_examples([5, 3, 2, 4, 3, 3], prompt=1), pad_id=0, row_tokens=10)
+    batch = batching.collate_packed(token_examples([5, 3, 2, 4, 3, 3], prompt=1), pad_id=0, row_tokens=10)
     assert batch["input_ids"].shape == (2, 10) and batch["token_mask"].sum(1).tolist() == [10, 10]
     rng = random.Random(0)
     for seed in range(20):

@@ -25,19 +25,16 @@ def test_liger_fused_loss_equals_the_logits_path_on_gpu(tiny_model_dir, monkeypa
     from transformers import AutoModelForCausalLM
     from transformers.models.llama import modeling_llama
     from mtl_scale import batching
-    from mtl_scale.data.formatting import IGNORE, collate, summed_loss
+    from mtl_scale.data.formatting import collate, summed_loss
     from mtl_scale.kernels import apply_liger
+    from token_examples import token_examples
 
     def lora(model):
         torch.manual_seed(0)  # the same LoRA init in both models
         return peft.get_peft_model(model.cuda(), peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
                                                                   init_lora_weights=False)).train()
 
-    g = torch.Generator().manual_seed(0)
-    examples = []
-    for n in (37, 120, 9, 64, 200, 15):
-        ids = torch.randint(5, 250, (n,), generator=g).tolist()
-        examples.append((ids, [IGNORE] * 3 + ids[3:]))
+    examples = token_examples([37, 120, 9, 64, 200, 15])
     batches = [{k: v.cuda() for k, v in b.items()}
                for b in (collate(examples, pad_id=0), batching.collate_packed(examples, pad_id=0, row_tokens=256))]
 
