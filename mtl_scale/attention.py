@@ -17,6 +17,8 @@ for full causal attention: models with a sliding window or logit soft-capping ar
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from mtl_scale.errors import UserError
@@ -33,6 +35,23 @@ def segments(positions: list[int]) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [len(positions)]))
 
 
+def row_segments(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, int]]]:
+    """``segments`` of every row, read from the device once per forward, not once per layer: every layer
+    gets the same position_ids tensor, and on a GPU each ``.tolist()`` is a host sync that stalls the
+    launch queue. Cached on that tensor object (a weak reference: a new micro-batch's position ids are a
+    new object even where the allocator reuses the memory) and its version counter (in-place writes)."""
+    global _SEGMENTS
+    ref, version, cached = _SEGMENTS
+    if ref() is position_ids and version == position_ids._version and len(cached) == rows:
+        return cached
+    cached = [segments(p) for p in position_ids.expand(rows, -1).tolist()]
+    _SEGMENTS = (weakref.ref(position_ids), position_ids._version, cached)
+    return cached
+
+
+_SEGMENTS: tuple = (lambda: None, -1, [])
+
+
 def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                         position_ids=None, **kwargs):
     """transformers' attention-function signature: query (B, H, T, D), key and value (B, H_kv, T, D);
@@ -45,12 +64,19 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
                                       scaling=scaling, position_ids=position_ids, **kwargs)
     gqa = query.shape[1] != key.shape[1]
     rows = []
-    for b, positions in enumerate(position_ids.expand(query.shape[0], -1).tolist()):
-        # each segment's output transposed to (1, n, H, D) and concatenated in that layout: the one copy the
+    # unbind and split, not slices: a slice's backward writes its gradient into a zero tensor of the
+    # whole input, one per example per layer; split's backward is one concatenation (measured on CPU:
+    # the zero-fills and adds cost more than the attention saved, docs/BENCHMARKS.md)
+    for q, k, v, segs in zip(query.unbind(0), key.unbind(0), value.unbind(0),
+                             row_segments(position_ids, query.shape[0])):
+        sizes = [e - s for s, e in segs]
+        # 4-D (1, H, n, D) per example: sdpa's fused CPU kernel takes 4-D inputs only (3-D runs its math
+        # path); each output transposed to (1, n, H, D) and concatenated in that layout: the one copy the
         # model keeps besides the outputs sdpa's backward saves (the planner counts it, plan/estimate.py)
         rows.append(torch.cat([torch.nn.functional.scaled_dot_product_attention(
-            query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], dropout_p=dropout,
-            is_causal=True, scale=scaling, enable_gqa=gqa).transpose(1, 2) for s, e in segments(positions)], dim=1))
+            qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), dropout_p=dropout, is_causal=True, scale=scaling,
+            enable_gqa=gqa).transpose(1, 2)
+            for qs, ks, vs in zip(q.split(sizes, dim=1), k.split(sizes, dim=1), v.split(sizes, dim=1))], dim=1))
     return torch.cat(rows), None
 
 

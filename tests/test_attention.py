@@ -18,6 +18,41 @@ def test_segments_start_where_positions_restart():
         attention.segments([1, 2, 0])
 
 
+def test_row_segments_are_read_once_per_position_tensor_and_never_for_another():
+    """Every layer gets the same position_ids tensor: its segments are read once (one host sync per forward
+    on a GPU, not one per layer), and read again for an in-place write or for any other tensor."""
+    pos = torch.tensor([[0, 1, 2, 0, 1]])
+    first = attention.row_segments(pos, 1)
+    assert first == [[(0, 3), (3, 5)]]
+    assert attention.row_segments(pos, 1) is first
+    pos[0, 2] = 0
+    assert attention.row_segments(pos, 1) == [[(0, 2), (2, 3), (3, 5)]]
+    other = torch.tensor([[0, 1, 0, 1, 2]])
+    assert attention.row_segments(other, 1) == [[(0, 2), (2, 5)]]
+    assert attention.row_segments(other, 2) == [[(0, 2), (2, 5)], [(0, 2), (2, 5)]]  # (1, T) broadcast to B rows
+
+
+def test_each_example_runs_the_fused_kernel_and_its_backward_copies_nothing_per_example():
+    """What makes it cheaper than the dense mask on CPU: 4-D inputs (3-D ones run sdpa's unfused math path),
+    and split/cat rather than slices (a slice's backward writes a zero tensor of the whole row per example)."""
+    from torch.profiler import profile
+
+    q, k, v = (torch.randn(2, 4, 24, 8, requires_grad=True) for _ in range(3))
+    pos = torch.tensor([list(range(10)) + list(range(6)) + list(range(8)),
+                        list(range(3)) + list(range(21))])
+    with profile() as prof:
+        out, _ = attention.sdpa_varlen_forward(None, q, k, v, None, position_ids=pos)
+        out.sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
+    assert "aten::_scaled_dot_product_attention_math" not in names
+    assert not any("SliceBackward" in n for n in names), sorted(n for n in names if "Backward" in n)
+    assert out.shape == (2, 24, 4, 8)
+    ref = torch.nn.functional.scaled_dot_product_attention(q[1:, :, 3:].detach(), k[1:, :, 3:].detach(),
+                                                           v[1:, :, 3:].detach(), is_causal=True)
+    torch.testing.assert_close(out[1, 3:], ref[0].transpose(0, 1))
+
+
 def _models(path_or_config):
     """The same weights under sdpa and sdpa_varlen, fp32, train mode."""
     from transformers import AutoModelForCausalLM
