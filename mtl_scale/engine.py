@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from mtl_scale import surgery as surgery_math
-from mtl_scale.data.formatting import completion_tokens, example_count, real_tokens, summed_loss
+from mtl_scale.data.formatting import completion_tokens, example_count, loss_positions, real_tokens, summed_loss
 
 # A step's work: (task, [micro-batch, ...]) groups, each micro-batch a dict of tensors.
 StepGroups = list[tuple[str, list[dict[str, torch.Tensor]]]]
@@ -100,6 +100,8 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], 
             stats.loss_tokens[task] = stats.loss_tokens.get(task, 0) + completion_tokens(batch)
             stats.tokens += real_tokens(batch)
             stats.examples[task] = stats.examples.get(task, 0) + example_count(batch)
+            if not loss_in_model:  # logits at the labelled positions only (the fused loss never makes them)
+                batch = {**batch, "loss_positions": loss_positions(batch["labels"])}
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
             loss_sum = summed_loss(engine, batch, loss_in_model)  # padded: attention_mask; packed: position_ids
             engine.backward(loss_sum * loss_scale[task])

@@ -233,3 +233,36 @@ def test_batching_config_errors():
                                     "model.attn_implementation=sdpa_varlen"])  # attention per example too
     assert batching.row_tokens(cfg) == 1024
 
+
+
+def test_logits_only_at_labelled_positions_give_the_same_loss_and_gradients(tiny_model_dir):
+    """The engine's loss_positions: the model projects to the vocabulary only where a row's next token is a
+    label, and the summed NLL and every LoRA gradient equal the full-logits path's, padded and packed."""
+    import peft
+    from transformers import AutoModelForCausalLM
+    from mtl_scale.data.formatting import loss_positions, summed_loss
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 6, IGNORE, IGNORE], [IGNORE, 3, IGNORE, IGNORE, IGNORE, IGNORE]])
+    assert loss_positions(labels).tolist() == [0, 1, 2]  # row 1 predicts labels[1] from 0; row 0, 2 and 3 from 1, 2
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                      init_lora_weights=False)).train()
+    examples = [(ids, [IGNORE] * (len(ids) // 2) + lab[len(ids) // 2:])  # prompts: the first half unlabelled
+                for ids, lab in token_examples([17, 12, 25, 9, 16, 30], seed=3)]
+    for batch in (collate(examples, pad_id=0), batching.collate_packed(examples, pad_id=0, row_tokens=60)):
+        at = loss_positions(batch["labels"])
+        assert 0 < len(at) < batch["input_ids"].shape[1] - 1
+        out, projected = [], []
+        hook = base.lm_head.register_forward_hook(lambda _m, args, _out: projected.append(args[0].shape[1]))
+        for b in (batch, {**batch, "loss_positions": at}):
+            model.zero_grad()
+            loss = summed_loss(model, b)
+            loss.backward()
+            out.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+        hook.remove()
+        assert projected == [batch["input_ids"].shape[1], len(at)]
+        (ref, ref_grads), (loss, grads) = out
+        torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-6)
+        assert ref > completion_tokens(batch)
+        for a, b in zip(ref_grads, grads):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)

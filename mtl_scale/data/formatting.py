@@ -211,8 +211,20 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The sequence positions whose next token is a label in some row: the only logits the loss reads.
+    Taken on the host before the micro-batch goes to the device (``nonzero`` there would sync)."""
+    return (labels[:, 1:] != IGNORE).any(dim=0).nonzero().flatten()
+
+
 def summed_loss(model, batch: dict[str, torch.Tensor], in_model: bool = False) -> torch.Tensor:
     """The micro-batch's summed next-token NLL over its labelled positions (token_loss_sum's value).
+
+    With ``batch["loss_positions"]`` (``loss_positions``; the engine adds it) the model computes logits
+    at those positions only (transformers' ``logits_to_keep`` takes an index tensor): the prompt's
+    positions predict nothing, and the (tokens x vocabulary) projection and its gradient are a real share
+    of a step for a large vocabulary (a 128k-vocabulary Llama's lm_head is 7% of an 8B model's weights,
+    21% of a 1B's). The positions are the union over the rows, so every row's labels are among them.
 
     ``in_model``: the model takes the loss itself from ``labels``. ``num_items_in_batch=1`` turns
     transformers' causal-LM loss, and Liger's fused linear cross-entropy that replaces it
@@ -221,7 +233,10 @@ def summed_loss(model, batch: dict[str, torch.Tensor], in_model: bool = False) -
     """
     if in_model:
         return model(**model_inputs(batch), labels=batch["labels"], num_items_in_batch=1).loss
-    return token_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])[0]
+    at = batch.get("loss_positions")
+    if at is None:
+        return token_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])[0]
+    return _nll_sum(model(**model_inputs(batch), logits_to_keep=at).logits, batch["labels"][:, at + 1])
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,9 +244,11 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
     logits (B, T, V), labels (B, T): position t predicts labels[t + 1].
     """
-    shift_logits = logits[:, :-1].float()  # fp32 softmax: bf16 logits lose the small probabilities
-    shift_labels = labels[:, 1:]
-    loss_sum = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE, reduction="sum")
-    return loss_sum, (shift_labels != IGNORE).sum()
+    return _nll_sum(logits[:, :-1], labels[:, 1:]), (labels[:, 1:] != IGNORE).sum()
+
+
+def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits (B, n, V) against targets (B, n), IGNORE skipped; fp32 softmax: bf16 logits lose the small
+    probabilities."""
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")
