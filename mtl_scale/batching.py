@@ -16,6 +16,7 @@ Lists of example indices in, lists of micro-batches out; torch only to lay out t
 """
 from __future__ import annotations
 
+import bisect
 import random
 from typing import Callable, Sequence
 
@@ -66,35 +67,60 @@ def _cut_sorted(chunk: list[int], lengths: Sequence[int], micro_batch_size: int,
 def packed_batches(order: Sequence[int], lengths: Sequence[int], max_tokens: int, row_tokens: int,
                    rng: random.Random) -> list[list[int]]:
     """Micro-batches of at most ``max_tokens`` tokens made of rows of at most ``row_tokens``: each window of
-    ``order`` is packed best-fit-decreasing into rows, the rows are shuffled and every max_tokens // row_tokens
-    of them make a micro-batch. Every example must fit a row (``lengths[i] <= row_tokens``, checked by
-    the config)."""
+    ``order`` is packed into as many rows as best-fit-decreasing needs, with the tokens spread evenly over
+    them (``balanced_bins``), the rows are shuffled and dealt into micro-batches of at most
+    max_tokens // row_tokens rows, as even in count as they can be. Every example must fit a row
+    (``lengths[i] <= row_tokens``, checked by the config).
+
+    Why even: every rank runs its own micro-batch at each micro-step and ZeRO-3's collectives wait for the
+    slowest. Plain best-fit-decreasing fills every row but the last, so each window ends in a stub (41
+    tokens against 4,096 on the benchmark's short task) that one rank runs while the other waits on a full
+    one."""
     per_batch = max(1, max_tokens // row_tokens)
     batches = []
     for start in range(0, len(order), PACK_WINDOW_EXAMPLES):
-        rows = best_fit_decreasing(order[start:start + PACK_WINDOW_EXAMPLES], lengths, row_tokens)
+        rows = balanced_bins(order[start:start + PACK_WINDOW_EXAMPLES], lengths, row_tokens)
         rng.shuffle(rows)
-        batches += [sum(rows[k:k + per_batch], []) for k in range(0, len(rows), per_batch)]
+        n = -(-len(rows) // per_batch)  # micro-batches: as few as the rows need
+        cuts = [len(rows) * k // n for k in range(n + 1)]
+        batches += [sum(rows[a:b], []) for a, b in zip(cuts, cuts[1:])]
     rng.shuffle(batches)
     return batches
 
 
+def balanced_bins(items: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """As many bins as ``best_fit_decreasing`` needs at ``capacity``, each as full as the others: its packing at
+    the smallest capacity (down to the mean load) that needs no more bins, found by bisection."""
+    best = best_fit_decreasing(items, lengths, capacity)
+    lo = max([-(-sum(lengths[i] for i in items) // max(1, len(best)))] + [lengths[i] for i in items])
+    hi = capacity
+    while lo < hi:
+        mid = (lo + hi) // 2
+        trial = best_fit_decreasing(items, lengths, mid)
+        if len(trial) <= len(best):
+            best, hi = trial, mid
+        else:
+            lo = mid + 1
+    return best
+
+
 def best_fit_decreasing(items: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Bins of ``items`` whose lengths sum to at most ``capacity``: longest first, each into the fullest bin
-    it still fits in (a new bin if none)."""
+    it still fits in (a new bin if none; the first such bin on ties)."""
     bins: list[list[int]] = []
-    free: list[int] = []
+    free: list[tuple[int, int]] = []  # (room left, bin), sorted: the best fit is the first with room >= n
     for i in sorted(items, key=lambda i: -lengths[i]):  # stable: ties keep the shuffled order
         n = lengths[i]
-        best = min((b for b in range(len(bins)) if free[b] >= n), key=lambda b: free[b], default=None)
-        if best is None:
+        at = bisect.bisect_left(free, (n, -1))
+        if at == len(free):
             if n > capacity:
                 raise ValueError(f"an example of {n} tokens does not fit a micro-batch of {capacity} tokens")
             bins.append([])
-            free.append(capacity)
-            best = len(bins) - 1
-        bins[best].append(i)
-        free[best] -= n
+            room, b = capacity, len(bins) - 1
+        else:
+            room, b = free.pop(at)
+        bins[b].append(i)
+        bisect.insort(free, (room - n, b))
     return bins
 
 

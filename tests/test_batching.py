@@ -143,6 +143,25 @@ def test_packed_micro_batch_keeps_the_rows_it_was_packed_into():
         batching.rows_for([3, 11], 10)
 
 
+def test_packed_micro_batches_are_even_so_no_rank_waits_on_a_stub():
+    """Plain best-fit-decreasing fills every bin but the last; packed_batches keeps its number of rows and
+    spreads the tokens evenly over them, and deals the rows into micro-batches whose row counts differ by at
+    most one (ZeRO-3's collectives make every rank wait for the slowest micro-batch)."""
+    rng = random.Random(0)
+    lengths = [rng.randint(150, 190) for _ in range(200)]  # 34,000 tokens: 8.3 bins of 4,096
+    plain = sorted(sum(lengths[i] for i in b) for b in batching.best_fit_decreasing(range(200), lengths, 4096))
+    assert plain[0] < 0.5 * plain[-1], plain  # the stub
+    mbs = batching.packed_batches(list(range(200)), lengths, 4096, 4096, random.Random(0))
+    loads = [sum(lengths[i] for i in mb) for mb in mbs]
+    assert len(mbs) == len(plain) and sorted(i for mb in mbs for i in mb) == list(range(200))
+    assert max(loads) <= 4096 and min(loads) >= 0.95 * max(loads), loads
+    small = [rng.randint(5, 40) for _ in range(150)]  # rows of 64, 4 per micro-batch
+    mbs = batching.packed_batches(list(range(150)), small, 256, 64, random.Random(0))
+    rows = [len(batching.rows_for([small[i] for i in mb], 64)) for mb in mbs]
+    assert max(rows) <= 4 and max(rows) - min(rows) <= 1, rows
+    assert sorted(i for mb in mbs for i in mb) == list(range(150))
+
+
 def test_best_fit_decreasing_respects_capacity_and_keeps_every_example():
     rng = random.Random(0)
     lengths = [rng.randint(20, 300) for _ in range(1000)]

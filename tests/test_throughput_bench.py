@@ -78,6 +78,13 @@ def test_variant_medians_and_ratios_by_hand():
     assert r["pcgrad/sum K=4 step_time"] == 1.03
     assert r["ours-adaptive/ours-soft step_time"] == pytest.approx(0.342 / 0.336)  # the controller's overhead
     assert r["ours-adaptive controller/step_time"] == pytest.approx(1e-4)              # ... and its own share
+    packed = tp.variant_medians(results + [
+        {"variant": "hf-grouped", "step_time_s": 0.2, "tokens_per_s": 1200.0, "tokens": 240, "steps": 3},
+        {"variant": "ours-packed", "step_time_s": 0.3, "tokens_per_s": 1500.0, "tokens": 450, "steps": 3},
+        {"variant": "ours-packed-varlen", "step_time_s": 0.3, "tokens_per_s": 1800.0, "tokens": 540, "steps": 3}])
+    r = tp.ratios(packed, {})
+    assert r["ours-packed/best-hf-trl(hf-grouped) tokens_per_s"] == pytest.approx(1500 / 1200)
+    assert r["ours-packed-varlen/best-hf-trl(hf-grouped) tokens_per_s"] == pytest.approx(1800 / 1200)
 
 
 def test_parse_result_finds_the_line_among_launcher_noise():
