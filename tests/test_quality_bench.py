@@ -137,3 +137,17 @@ def test_coupling_sweep_tables_own_against_merged_score(tmp_path):
     text = (tmp_path / "coupling.md").read_text()
     assert "| 0.1 | 62.5% | 50.0% | 0.83 | linear x0.5, linear x1 |" in text
     assert (tmp_path / "coupling.png").stat().st_size > 0
+
+
+def test_extended_eval_draws_fresh_examples_disjoint_from_the_committed_files():
+    """bench/extended_eval.py scores on the task generator's rows after the committed 1,200: the committed
+    file is exactly the generator's first 1,200 rows, so the later ones were never trained on or held out."""
+    from bench import extended_eval
+    committed = (ROOT / "bench/transfer/sort_numbers.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = extended_eval.fresh_rows("sort_numbers", 5)
+    assert len(rows) == 6 and rows == extended_eval.fresh_rows("sort_numbers", 5)
+    assert not {json.loads(line)["prompt"] for line in committed} & {r["prompt"] for r in rows}
+    spec = extended_eval.importlib.util.spec_from_file_location("make_tasks", ROOT / "bench/transfer/make_tasks.py")
+    make_tasks = extended_eval.importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_tasks)
+    assert [json.loads(line) for line in committed] == make_tasks.build("sort_numbers")
