@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -215,6 +216,28 @@ def retention(merged: dict, own: dict) -> float | None:
     return merged["score"] / own["score"] if own["score"] > 0 else None
 
 
+def retention_se(merged: dict, own: dict) -> float | None:
+    """One standard error of ``retention`` from sampling the held-out examples: the delta method on two
+    independent scores, each with at most a Bernoulli's variance p(1 - p) / n (a score in [0, 1] with mean
+    p has no more; Bhatia-Davis). Both are scored on the same examples and correlate positively, so this
+    overstates the noise rather than hides it. At 50 examples a task near 20% moves its retention by
+    +-0.2 (docs/RESULTS.md: a 0.80 on 100 examples was 1.03 on 500 fresh ones)."""
+    m, o = merged["score"], own["score"]
+    if o <= 0:
+        return None
+    var_m, var_o = m * (1 - m) / merged["n"], o * (1 - o) / own["n"]
+    return math.sqrt(var_m / o ** 2 + m ** 2 * var_o / o ** 4)
+
+
+def _worst(per_task: dict, se: dict) -> tuple[float | None, float | None]:
+    """(lowest known retention, its standard error)."""
+    known = {t: r for t, r in per_task.items() if r is not None}
+    if not known:
+        return None, None
+    t = min(known, key=known.get)
+    return known[t], se.get(t)
+
+
 def split_for_selection(tasks: dict, val_examples: int | None = None, eval_examples: int | None = None):
     """(validation tasks, report tasks): each task's held-out examples cut in two disjoint parts, so that
     the merge method and scale are chosen on examples other than those the report states.
@@ -305,7 +328,7 @@ def merge_run(run_dir: str | Path, methods: list[str], weights: list[float] | No
                     # hybrid: the exports a server loads, filled below (the run's task adapters are r=task_r)
                     "serving": {} if cfg.sharing == "hybrid" else {n: serving_warnings(adapters_root / n) for n in names},
                     "base": {}, "own": {}, "own_validation": {}, "merged": {}, "retention": {},
-                    "validation": {}, "errors": {}}
+                    "retention_se": {}, "validation": {}, "errors": {}}
     with model.disable_adapter():
         report["base"] = evaluate_model(model, tokenizer, tasks, cfg.eval)
     for task in task_names:
@@ -319,6 +342,8 @@ def merge_run(run_dir: str | Path, methods: list[str], weights: list[float] | No
     if cfg.sharing == "hybrid":  # the shared adapter alone: the single-adapter option of the verdict
         report["shared_only"] = evaluate([SHARED], tasks)
         report["shared_only_retention"] = {t: retention(report["shared_only"][t], report["own"][t]) for t in scored}
+        report["shared_only_retention_se"] = {t: retention_se(report["shared_only"][t], report["own"][t])
+                                              for t in scored}
         report["hybrid_exports"] = export_hybrid(model, task_adapters, adapters_root, out, base_path)
         report["serving"] = {f"{kind}/{t}": serving_warnings(Path(path)) for kind in ("on_full", "cat")
                              for t, path in report["hybrid_exports"][kind].items()}
@@ -340,6 +365,8 @@ def merge_run(run_dir: str | Path, methods: list[str], weights: list[float] | No
             report["merged"][method] = evaluate([name], tasks)
             report["retention"][method] = {t: retention(report["merged"][method][t], report["own"][t])
                                            for t in scored}
+            report["retention_se"][method] = {t: retention_se(report["merged"][method][t], report["own"][t])
+                                              for t in scored}
             save_adapter_dir(model, name, out / "adapters" / method, base_path)
             report["validation"][method] = chosen
 
@@ -349,8 +376,9 @@ def merge_run(run_dir: str | Path, methods: list[str], weights: list[float] | No
         ranking = sorted(report["validation"].items(), key=lambda x: -x[1]["mean_retention"])
         tried = ", ".join(f"{m} x{r['scale']:g} {r['mean_retention']:.2f}" for m, r in ranking)
         known = _known(report["retention"][best])
+        worst, worst_se = _worst(report["retention"][best], report["retention_se"][best])
         report["best"] = {"method": best, "scale": v["scale"], "mean_retention": _mean(known),
-                          "worst_retention": min(known, default=None),
+                          "worst_retention": worst, "worst_retention_se": worst_se,
                           "why": f"highest mean score retention on the validation examples ({tried})"}
     report["verdict"] = verdict(report, cfg, names, adapters_root, out, base_path)
 
@@ -448,13 +476,15 @@ def verdict(report: dict, cfg, names: list[str], adapters_root: Path, out: Path,
     options = {}
     if "best" in report:
         options["merged"] = {"worst_retention": report["best"]["worst_retention"],
+                             "worst_retention_se": report["best"].get("worst_retention_se"),
                              "artifact": str(out / "adapters" / report["best"]["method"]),
                              "what": f"one merged adapter ({report['best']['method']}, scale {report['best']['scale']:g})"}
     if cfg.sharing == "hard":
         options["single"] = {"worst_retention": 1.0, "artifact": str(adapters_root / SHARED),
                              "what": "the shared adapter every task trained"}
     elif cfg.sharing == "hybrid":
-        options["single"] = {"worst_retention": min(_known(report["shared_only_retention"]), default=None),
+        worst, worst_se = _worst(report["shared_only_retention"], report.get("shared_only_retention_se", {}))
+        options["single"] = {"worst_retention": worst, "worst_retention_se": worst_se,
                              "artifact": str(adapters_root / SHARED), "what": "the shared adapter alone"}
     task_adapters = [n for n in names if n != SHARED]
     if task_adapters:
@@ -519,9 +549,12 @@ def verdict_lines(v: dict) -> list[str]:
     lines = ["## Verdict", "", f"{head} (worst-task score retention >= {v['target']:.2f} on the report "
              "examples; options in order of preference):", ""]
     for key, o in v["options"].items():
-        r = o["worst_retention"]
-        lines.append(f"- {key}: {o['what']} — worst-task retention {'n/a' if r is None else f'{r:.2f}'}; "
-                     f"`{o['artifact']}`")
+        r, se = o["worst_retention"], o.get("worst_retention_se")
+        shown = "n/a" if r is None else f"{r:.2f}" + (f" ± {se:.2f} (one standard error)" if se else "")
+        lines.append(f"- {key}: {o['what']} — worst-task retention {shown}; `{o['artifact']}`")
+        if r is not None and se and abs(r - v["target"]) < 2 * se:
+            lines.append(f"  - within two standard errors of the {v['target']:.2f} bar: other held-out examples "
+                         "could reverse this; raise the tasks' eval_size for a firmer verdict")
         if "serve" in o:
             lines.append(f"  - serve: `{o['serve']}`")
     return lines

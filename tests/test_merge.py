@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from mtl_scale.config import RunConfig, TaskConfig, to_dict
+from mtl_scale import merge
 from mtl_scale.errors import UserError
 from mtl_scale.merge import DELTA_METHODS, FACTOR_METHODS, add_merged_adapter, load_base, merge_run, \
     save_adapter_dir, save_full_model, serving_warnings, split_for_selection, verdict
@@ -71,7 +72,12 @@ def test_every_method_runs_and_report_has_retention(fake_run, tmp_path):
             assert 0 <= m["score"] <= 1 and m["loss"] > 0
             own = report["own"][t]["score"]
             assert report["retention"][method][t] == (m["score"] / own if own else None)
+            assert report["retention_se"][method][t] == merge.retention_se(m, report["own"][t])
     assert report["best"]["method"] in DELTA_METHODS
+    best = report["retention"][report["best"]["method"]]
+    worst = min((t for t in best if best[t] is not None), key=best.get, default=None)
+    assert report["best"]["worst_retention_se"] == (report["retention_se"][report["best"]["method"]][worst]
+                                                    if worst else None)
     assert "highest mean score retention on the validation examples" in report["best"]["why"]
     text = (tmp_path / "merge_report.md").read_text()
     assert "| copy |" in text and "retention" in text and "Serving checks" in text
@@ -470,3 +476,34 @@ def test_merge_interference_ratio_on_hand_values(tmp_path):
     deltas = adapter_deltas(tmp_path)
     assert list(deltas) == ["model.layers.0.mlp.down_proj"]
     torch.testing.assert_close(deltas["model.layers.0.mlp.down_proj"], torch.tensor([[6.0, 12.0], [8.0, 16.0]]))
+
+
+def test_retention_standard_error_on_hand_values():
+    """Delta method, Bernoulli-bounded variances: merged 0.5 and own 0.8 on 100 examples each give
+    var = 0.0025 / 0.64 + 0.25 * 0.0016 / 0.4096 = 0.0048828125."""
+    se = merge.retention_se({"score": 0.5, "n": 100}, {"score": 0.8, "n": 100})
+    assert se == pytest.approx(0.0048828125 ** 0.5)
+    assert merge.retention_se({"score": 0.5, "n": 400}, {"score": 0.8, "n": 400}) == pytest.approx(se / 2)
+    assert merge.retention_se({"score": 0.0, "n": 50}, {"score": 0.0, "n": 50}) is None  # no retention either
+    assert merge.retention_se({"score": 1.0, "n": 50}, {"score": 1.0, "n": 50}) == 0.0
+
+
+def test_verdict_states_the_noise_and_flags_a_call_within_it(tmp_path):
+    """The worst task's retention carries its standard error into the verdict, and a decision within two
+    standard errors of the bar says so."""
+    for t in TASKS:
+        _adapter_dir(tmp_path / "adapters", t, 4)
+    cfg = RunConfig(tasks=[TaskConfig(name=t, source=f"builtin:{t}") for t in TASKS], sharing="hybrid")
+    report = {"best": {"method": "cat", "scale": 1.0, "worst_retention": 0.85, "worst_retention_se": 0.04},
+              "shared_only_retention": {"copy": 0.3, "reverse": 1.0},
+              "shared_only_retention_se": {"copy": 0.01, "reverse": 0.2},
+              "hybrid_exports": {"on_full": {t: str(tmp_path / "adapters" / t) for t in TASKS}}}
+    v = verdict(report, cfg, ["shared", *TASKS], tmp_path / "adapters", tmp_path / "out", "base")
+    assert v["ship"] == "bundle" and v["options"]["single"]["worst_retention_se"] == 0.01  # copy's, the worst
+    lines = merge.verdict_lines(v)
+    merged = lines.index(next(line for line in lines if line.startswith("- merged:")))
+    assert "worst-task retention 0.85 ± 0.04 (one standard error)" in lines[merged]
+    assert lines[merged + 1].startswith("  - within two standard errors of the 0.90 bar")
+    single = lines.index(next(line for line in lines if line.startswith("- single:")))
+    assert "0.30 ± 0.01" in lines[single] and not lines[single + 1].startswith("  - within")
+    assert "worst-task retention 1.00;" in next(line for line in lines if line.startswith("- bundle:"))
