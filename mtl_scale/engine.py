@@ -73,14 +73,17 @@ class StepStats:
 
 def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], loss_scale: dict[str, float],
                    surgery: Surgery | None = None, coupling: Coupling | None = None, step: int = 0,
-                   absent: Sequence[torch.nn.Parameter] = (), loss_in_model: bool = False) -> StepStats:
+                   absent: Sequence[torch.nn.Parameter] = (), loss_in_model: bool = False,
+                   logits_at_labels: bool = False) -> StepStats:
     """Run the step's micro-batches (forward, backward), take per-task gradient shards, apply
     surgery, then let the last ``engine.step()`` update the parameters.
 
     ``absent``: trainable parameters no micro-batch of this step uses (the adapters of tasks not
     drawn); they leave the step exactly as they entered it, Adam moments included (see
     ``keep_unchanged``). ``loss_in_model``: the model computes the summed loss from the labels
-    (Liger's fused linear cross-entropy, ``formatting.summed_loss``).
+    (Liger's fused linear cross-entropy, ``formatting.summed_loss``). ``logits_at_labels``: the model
+    projects to the vocabulary only where a label follows (``formatting.loss_positions``; the model must
+    take ``logits_to_keep``).
 
     Every rank must call this with the same tasks and micro-batch counts in the same order: ZeRO-3
     gathers parameters and reduce-scatters gradients collectively at each micro-step.
@@ -100,7 +103,7 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], 
             stats.loss_tokens[task] = stats.loss_tokens.get(task, 0) + completion_tokens(batch)
             stats.tokens += real_tokens(batch)
             stats.examples[task] = stats.examples.get(task, 0) + example_count(batch)
-            if not loss_in_model:  # logits at the labelled positions only (the fused loss never makes them)
+            if logits_at_labels and not loss_in_model:  # (the fused loss never makes logits)
                 batch = {**batch, "loss_positions": loss_positions(batch["labels"])}
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
             loss_sum = summed_loss(engine, batch, loss_in_model)  # padded: attention_mask; packed: position_ids

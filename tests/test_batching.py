@@ -285,3 +285,19 @@ def test_logits_only_at_labelled_positions_give_the_same_loss_and_gradients(tiny
         assert ref > completion_tokens(batch)
         for a, b in zip(ref_grads, grads):
             torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_only_models_that_take_logits_to_keep_get_loss_positions(tiny_model_dir):
+    """transformers' causal LMs, bare or under PEFT, take logits_to_keep; a (remote-code) model whose forward
+    does not is given the full logits instead of a TypeError."""
+    import peft
+    from transformers import AutoModelForCausalLM
+    from mtl_scale.data.formatting import takes_logits_to_keep
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert takes_logits_to_keep(base)
+    assert takes_logits_to_keep(peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"])))
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None):
+            raise AssertionError("not called")
+    assert not takes_logits_to_keep(OldStyle())

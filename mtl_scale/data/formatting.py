@@ -16,6 +16,8 @@ to stop.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -215,6 +217,18 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
     """The sequence positions whose next token is a label in some row: the only logits the loss reads.
     Taken on the host before the micro-batch goes to the device (``nonzero`` there would sync)."""
     return (labels[:, 1:] != IGNORE).any(dim=0).nonzero().flatten()
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM under ``model`` (a PeftModel, or the model itself) accepts ``logits_to_keep``:
+    every transformers 5 causal LM does; a remote-code model may not, and then gets the full logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _forward_takes(type(base), "logits_to_keep")
+
+
+@functools.cache
+def _forward_takes(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.forward).parameters
 
 
 def summed_loss(model, batch: dict[str, torch.Tensor], in_model: bool = False) -> torch.Tensor:
