@@ -40,11 +40,19 @@ def fresh_rows(task: str, rows: int) -> list[dict]:
 
 
 def score(run_dir: Path, data: dict[str, Path], rows: int) -> dict[str, float]:
+    """A run's adapters on the fresh rows: the run's config with each task's source and held-out size
+    swapped, every other setting of the task and of the evaluation kept."""
+    from dataclasses import replace
+
     from mtl_scale.config import load_config
     from mtl_scale.evaluate import evaluate_run
 
-    tasks = ", ".join(f"{{name: {t}, source: '{p}', eval_size: {rows}}}" for t, p in data.items())
-    cfg = load_config(run_dir / "config.yaml", [f"tasks=[{tasks}]", f"eval.max_examples={rows}"])
+    cfg = load_config(run_dir / "config.yaml", [])
+    missing = [t.name for t in cfg.tasks if t.name not in data]
+    if missing:
+        raise SystemExit(f"{run_dir}: no fresh rows for task(s) {missing}; the generator has {sorted(data)}")
+    cfg = replace(cfg, tasks=[replace(t, source=str(data[t.name]), eval_size=rows) for t in cfg.tasks],
+                  eval=replace(cfg.eval, max_examples=rows))
     results = evaluate_run(cfg, str(run_dir / "adapters"), include_base=False, device_map="none")
     return {t: r["score"] for per_task in results["adapters"].values() for t, r in per_task.items()}
 
@@ -56,10 +64,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write every seed's scores here (JSON)")
     args = parser.parse_args()
     from mtl_scale.config import load_config
-    seeds = sorted(args.runs[0].glob("seed*"))
-    if not seeds:
+    first = sorted(args.runs[0].glob("seed*"))
+    if not first:
         raise SystemExit(f"{args.runs[0]}: no seed*/ run directories (bench.quality's layout)")
-    names = [t.name for t in load_config(seeds[0] / "config.yaml", []).tasks]
+    names = [t.name for t in load_config(first[0] / "config.yaml", []).tasks]
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = {}

@@ -41,6 +41,8 @@ def row_segments(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, 
     launch queue. Cached on that tensor object (a weak reference: a new micro-batch's position ids are a
     new object even where the allocator reuses the memory) and its version counter (in-place writes)."""
     global _SEGMENTS
+    if position_ids.is_inference():  # no version counter to trust (torch.inference_mode): read every time
+        return [segments(p) for p in position_ids.expand(rows, -1).tolist()]
     ref, version, cached = _SEGMENTS
     if ref() is position_ids and version == position_ids._version and len(cached) == rows:
         return cached

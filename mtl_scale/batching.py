@@ -5,8 +5,9 @@ Three modes (``batching.mode``, see docs/TRAINING.md):
   ``take``; not this module).
 - ``grouped``: each epoch's shuffled order is cut into windows; a window is sorted by length and cut into
   micro-batches of similar lengths, and all the epoch's micro-batches are shuffled again.
-- ``packed``: each window is packed best-fit-decreasing into rows of at most ``row_tokens`` tokens, and
-  max_tokens // row_tokens shuffled rows make a micro-batch; examples share rows, each with its own
+- ``packed``: each window is packed into as many rows of at most ``row_tokens`` tokens as best-fit-decreasing
+  needs, the tokens spread over them as evenly as it allows, and the shuffled rows dealt into micro-batches
+  of at most max_tokens // row_tokens rows; examples share rows, each with its own
   position ids from 0, and no padding mask. ``collate_packed`` lays them out.
 
 Only the *contents* of a micro-batch depend on the mode: the step's number of micro-batches is the task
@@ -89,8 +90,9 @@ def packed_batches(order: Sequence[int], lengths: Sequence[int], max_tokens: int
 
 
 def balanced_bins(items: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """As many bins as ``best_fit_decreasing`` needs at ``capacity``, each as full as the others: its packing at
-    the smallest capacity (down to the mean load) that needs no more bins, found by bisection."""
+    """As many bins as ``best_fit_decreasing`` needs at ``capacity``, the load spread as evenly as it allows:
+    its packing at the smallest capacity (down to the mean load) that needs no more bins, found by bisection
+    (the examples bound it: [10, 10, 10, 1] in 2 bins stays 20 + 11)."""
     best = best_fit_decreasing(items, lengths, capacity)
     lo = max([-(-sum(lengths[i] for i in items) // max(1, len(best)))] + [lengths[i] for i in items])
     hi = capacity

@@ -219,14 +219,25 @@ def retention(merged: dict, own: dict) -> float | None:
 def retention_se(merged: dict, own: dict) -> float | None:
     """One standard error of ``retention`` from sampling the held-out examples: the delta method on two
     independent scores, each with at most a Bernoulli's variance p(1 - p) / n (a score in [0, 1] with mean
-    p has no more; Bhatia-Davis). Both are scored on the same examples and correlate positively, so this
-    overstates the noise rather than hides it. At 50 examples a task near 20% moves its retention by
-    +-0.2 (docs/RESULTS.md: a 0.80 on 100 examples was 1.03 on 500 fresh ones)."""
+    p has no more; Bhatia-Davis), p taken as (hits + 1) / (n + 2) so that a score of 0 or 1 on few
+    examples is not called certain. Both are scored on the same examples and correlate positively, so
+    this overstates the noise rather than hides it: for a task near 20% it is +-0.4 at 50 examples,
+    +-0.28 at 100 (docs/RESULTS.md: a retention of 0.80 on 100 examples was 1.03 on 500 fresh ones)."""
     m, o = merged["score"], own["score"]
     if o <= 0:
         return None
-    var_m, var_o = m * (1 - m) / merged["n"], o * (1 - o) / own["n"]
-    return math.sqrt(var_m / o ** 2 + m ** 2 * var_o / o ** 4)
+
+    def var(score: float, n: int) -> float:
+        p = (score * n + 1) / (n + 2)
+        return p * (1 - p) / n
+
+    return math.sqrt(var(m, merged["n"]) / o ** 2 + m ** 2 * var(o, own["n"]) / o ** 4)
+
+
+def near_target(per_task: dict, se: dict, target: float) -> list[str]:
+    """Tasks whose retention lies within two standard errors of ``target``: on other examples they could
+    fall on the other side of it, whichever side they are on now."""
+    return [t for t, r in per_task.items() if r is not None and se.get(t) and abs(r - target) < 2 * se[t]]
 
 
 def _worst(per_task: dict, se: dict) -> tuple[float | None, float | None]:
@@ -475,16 +486,21 @@ def verdict(report: dict, cfg, names: list[str], adapters_root: Path, out: Path,
     else the multi-adapter bundle (every task its own adapters: retention 1 by construction)."""
     options = {}
     if "best" in report:
+        best = report["best"]["method"]
         options["merged"] = {"worst_retention": report["best"]["worst_retention"],
                              "worst_retention_se": report["best"].get("worst_retention_se"),
+                             "near_target": near_target(report.get("retention", {}).get(best, {}),
+                                                        report.get("retention_se", {}).get(best, {}), target),
                              "artifact": str(out / "adapters" / report["best"]["method"]),
                              "what": f"one merged adapter ({report['best']['method']}, scale {report['best']['scale']:g})"}
     if cfg.sharing == "hard":
         options["single"] = {"worst_retention": 1.0, "artifact": str(adapters_root / SHARED),
                              "what": "the shared adapter every task trained"}
     elif cfg.sharing == "hybrid":
-        worst, worst_se = _worst(report["shared_only_retention"], report.get("shared_only_retention_se", {}))
+        se = report.get("shared_only_retention_se", {})
+        worst, worst_se = _worst(report["shared_only_retention"], se)
         options["single"] = {"worst_retention": worst, "worst_retention_se": worst_se,
+                             "near_target": near_target(report["shared_only_retention"], se, target),
                              "artifact": str(adapters_root / SHARED), "what": "the shared adapter alone"}
     task_adapters = [n for n in names if n != SHARED]
     if task_adapters:
@@ -552,9 +568,10 @@ def verdict_lines(v: dict) -> list[str]:
         r, se = o["worst_retention"], o.get("worst_retention_se")
         shown = "n/a" if r is None else f"{r:.2f}" + (f" ± {se:.2f} (one standard error)" if se else "")
         lines.append(f"- {key}: {o['what']} — worst-task retention {shown}; `{o['artifact']}`")
-        if r is not None and se and abs(r - v["target"]) < 2 * se:
-            lines.append(f"  - within two standard errors of the {v['target']:.2f} bar: other held-out examples "
-                         "could reverse this; raise the tasks' eval_size for a firmer verdict")
+        if o.get("near_target"):
+            lines.append(f"  - within two standard errors of the {v['target']:.2f} bar on "
+                         f"{', '.join(o['near_target'])}: other held-out examples could reverse this call; raise "
+                         "the tasks' eval_size for a firmer verdict")
         if "serve" in o:
             lines.append(f"  - serve: `{o['serve']}`")
     return lines

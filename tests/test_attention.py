@@ -25,11 +25,14 @@ def test_row_segments_are_read_once_per_position_tensor_and_never_for_another():
     first = attention.row_segments(pos, 1)
     assert first == [[(0, 3), (3, 5)]]
     assert attention.row_segments(pos, 1) is first
+    other = torch.tensor([[0, 1, 0, 1, 2]])  # the same shape and version counter, another tensor
+    assert other._version == pos._version and attention.row_segments(other, 1) == [[(0, 2), (2, 5)]]
+    assert attention.row_segments(other, 2) == [[(0, 2), (2, 5)], [(0, 2), (2, 5)]]  # (1, T) broadcast to B rows
     pos[0, 2] = 0
     assert attention.row_segments(pos, 1) == [[(0, 2), (2, 3), (3, 5)]]
-    other = torch.tensor([[0, 1, 0, 1, 2]])
-    assert attention.row_segments(other, 1) == [[(0, 2), (2, 5)]]
-    assert attention.row_segments(other, 2) == [[(0, 2), (2, 5)], [(0, 2), (2, 5)]]  # (1, T) broadcast to B rows
+    with torch.inference_mode():  # inference tensors keep no version counter: read, never cached
+        frozen = torch.tensor([[0, 1, 0]])
+        assert attention.row_segments(frozen, 1) == [[(0, 2), (2, 3)]]
 
 
 def test_each_example_runs_the_fused_kernel_and_its_backward_copies_nothing_per_example():

@@ -288,8 +288,8 @@ def test_logits_only_at_labelled_positions_give_the_same_loss_and_gradients(tiny
 
 
 def test_only_models_that_take_logits_to_keep_get_loss_positions(tiny_model_dir):
-    """transformers' causal LMs, bare or under PEFT, take logits_to_keep; a (remote-code) model whose forward
-    does not is given the full logits instead of a TypeError."""
+    """transformers' causal LMs, bare or under PEFT, take an index tensor as logits_to_keep; a (remote-code)
+    model whose forward has none, or takes only an int, is given the full logits instead."""
     import peft
     from transformers import AutoModelForCausalLM
     from mtl_scale.data.formatting import takes_logits_to_keep
@@ -300,4 +300,8 @@ def test_only_models_that_take_logits_to_keep_get_loss_positions(tiny_model_dir)
     class OldStyle(torch.nn.Module):
         def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None):
             raise AssertionError("not called")
-    assert not takes_logits_to_keep(OldStyle())
+
+    class SlicesWithAnInt(torch.nn.Module):  # hidden_states[:, -logits_to_keep:], as older remote code does
+        def forward(self, input_ids, logits_to_keep: int = 0):
+            raise AssertionError("not called")
+    assert not takes_logits_to_keep(OldStyle()) and not takes_logits_to_keep(SlicesWithAnInt())

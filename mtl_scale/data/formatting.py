@@ -220,15 +220,18 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 def takes_logits_to_keep(model) -> bool:
-    """Whether the causal LM under ``model`` (a PeftModel, or the model itself) accepts ``logits_to_keep``:
-    every transformers 5 causal LM does; a remote-code model may not, and then gets the full logits."""
+    """Whether the causal LM under ``model`` (a PeftModel, or the model itself) takes an index tensor as
+    ``logits_to_keep``: every transformers 5 causal LM declares ``int | torch.Tensor``. A remote-code model
+    may have no such argument, or one declared ``int`` that it slices with (``[:, -n:]``: a tensor would
+    raise, or keep the wrong positions); both get the full logits."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _forward_takes(type(base), "logits_to_keep")
+    return _takes_index_tensor(type(base))
 
 
 @functools.cache
-def _forward_takes(cls: type, name: str) -> bool:
-    return name in inspect.signature(cls.forward).parameters
+def _takes_index_tensor(cls: type) -> bool:
+    param = inspect.signature(cls.forward).parameters.get("logits_to_keep")
+    return param is not None and "Tensor" in str(param.annotation)
 
 
 def summed_loss(model, batch: dict[str, torch.Tensor], in_model: bool = False) -> torch.Tensor:
