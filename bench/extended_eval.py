@@ -16,6 +16,7 @@ evaluation settings. Prints per-task exact match, mean +- std over the seeds, pe
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import statistics
@@ -25,11 +26,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def fresh_rows(task: str, rows: int) -> list[dict]:
-    """The generator's rows after the committed 1,200: never trained on, never held out."""
+@functools.cache
+def generator():
+    """bench/transfer/make_tasks.py, the transfer suite's task generator (a script, not a package module)."""
     spec = importlib.util.spec_from_file_location("make_tasks", HERE / "transfer" / "make_tasks.py")
     make_tasks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_tasks)
+    return make_tasks
+
+
+def fresh_rows(task: str, rows: int) -> list[dict]:
+    """The generator's rows after the committed 1,200: never trained on, never held out."""
+    make_tasks = generator()
     committed = make_tasks.ROWS
     out = make_tasks.build(task, committed + rows + 1)[committed:]
     with open(HERE / "transfer" / f"{task}.jsonl", encoding="utf-8") as f:

@@ -41,13 +41,13 @@ def row_segments(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, 
     launch queue. Cached on that tensor object (a weak reference: a new micro-batch's position ids are a
     new object even where the allocator reuses the memory) and its version counter (in-place writes)."""
     global _SEGMENTS
-    if position_ids.is_inference():  # no version counter to trust (torch.inference_mode): read every time
-        return [segments(p) for p in position_ids.expand(rows, -1).tolist()]
+    cacheable = not position_ids.is_inference()  # torch.inference_mode keeps no version counter: read every time
     ref, version, cached = _SEGMENTS
-    if ref() is position_ids and version == position_ids._version and len(cached) == rows:
+    if cacheable and ref() is position_ids and version == position_ids._version and len(cached) == rows:
         return cached
     cached = [segments(p) for p in position_ids.expand(rows, -1).tolist()]
-    _SEGMENTS = (weakref.ref(position_ids), position_ids._version, cached)
+    if cacheable:
+        _SEGMENTS = (weakref.ref(position_ids), position_ids._version, cached)
     return cached
 
 

@@ -147,7 +147,4 @@ def test_extended_eval_draws_fresh_examples_disjoint_from_the_committed_files():
     rows = extended_eval.fresh_rows("sort_numbers", 5)
     assert len(rows) == 6 and rows == extended_eval.fresh_rows("sort_numbers", 5)
     assert not {json.loads(line)["prompt"] for line in committed} & {r["prompt"] for r in rows}
-    spec = extended_eval.importlib.util.spec_from_file_location("make_tasks", ROOT / "bench/transfer/make_tasks.py")
-    make_tasks = extended_eval.importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_tasks)
-    assert [json.loads(line) for line in committed] == make_tasks.build("sort_numbers")
+    assert [json.loads(line) for line in committed] == extended_eval.generator().build("sort_numbers")
