@@ -66,12 +66,12 @@ def _cut_sorted(chunk: list[int], lengths: Sequence[int], micro_batch_size: int,
 
 
 def packed_batches(order: Sequence[int], lengths: Sequence[int], max_tokens: int, row_tokens: int,
-                   rng: random.Random) -> list[list[int]]:
+                   rng: random.Random, attention_length: float = 0) -> list[list[int]]:
     """Micro-batches of at most ``max_tokens`` tokens made of rows of at most ``row_tokens``: each window of
-    ``order`` is packed into as many rows as best-fit-decreasing needs, with the tokens spread evenly over
-    them (``balanced_bins``), the rows are shuffled and dealt into micro-batches of at most
-    max_tokens // row_tokens rows, as even in count as they can be. Every example must fit a row
-    (``lengths[i] <= row_tokens``, checked by the config).
+    ``order`` is packed into as many rows as best-fit-decreasing needs, with the load spread evenly over
+    them (``balanced_bins``: tokens, or with ``attention_length`` each example's compute), the rows are
+    shuffled and dealt into micro-batches of at most max_tokens // row_tokens rows, as even in count as
+    they can be. Every example must fit a row (``lengths[i] <= row_tokens``, checked by the config).
 
     Why even: every rank runs its own micro-batch at each micro-step and ZeRO-3's collectives wait for the
     slowest. Plain best-fit-decreasing fills every row but the last, so each window ends in a stub (41
@@ -80,7 +80,7 @@ def packed_batches(order: Sequence[int], lengths: Sequence[int], max_tokens: int
     per_batch = max(1, max_tokens // row_tokens)
     batches = []
     for start in range(0, len(order), PACK_WINDOW_EXAMPLES):
-        rows = balanced_bins(order[start:start + PACK_WINDOW_EXAMPLES], lengths, row_tokens)
+        rows = balanced_bins(order[start:start + PACK_WINDOW_EXAMPLES], lengths, row_tokens, attention_length)
         rng.shuffle(rows)
         n = -(-len(rows) // per_batch)  # micro-batches: as few as the rows need
         cuts = [len(rows) * k // n for k in range(n + 1)]
@@ -89,10 +89,18 @@ def packed_batches(order: Sequence[int], lengths: Sequence[int], max_tokens: int
     return batches
 
 
-def balanced_bins(items: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """As many bins as ``best_fit_decreasing`` needs at ``capacity``, the load spread as evenly as it allows:
-    its packing at the smallest capacity (down to the mean load) that needs no more bins, found by bisection
-    (the examples bound it: [10, 10, 10, 1] in 2 bins stays 20 + 11)."""
+def balanced_bins(items: Sequence[int], lengths: Sequence[int], capacity: int,
+                  attention_length: float = 0) -> list[list[int]]:
+    """As many bins as ``best_fit_decreasing`` needs at ``capacity``, the load spread as evenly as it allows.
+
+    The load is tokens: best-fit-decreasing's packing at the smallest capacity (down to the mean load) that
+    needs no more bins, found by bisection (the examples bound it: [10, 10, 10, 1] in 2 bins stays 20 + 11).
+    With ``attention_length`` (attention per example: flash-attn varlen, sdpa_varlen) the load is each
+    example's compute, n + n**2 / attention_length (``example_cost``): two rows of equal tokens cost
+    unequal time when one holds the long examples, and the rank with the cheaper row waits for the other.
+    Those bins are filled longest-processing-time first (each example, costliest first, into the cheapest
+    bin it fits), still within ``capacity`` tokens; if that leaves an example without room, the token
+    packing stands."""
     best = best_fit_decreasing(items, lengths, capacity)
     lo = max([-(-sum(lengths[i] for i in items) // max(1, len(best)))] + [lengths[i] for i in items])
     hi = capacity
@@ -103,7 +111,42 @@ def balanced_bins(items: Sequence[int], lengths: Sequence[int], capacity: int) -
             best, hi = trial, mid
         else:
             lo = mid + 1
-    return best
+    if attention_length <= 0 or len(best) < 2:
+        return best
+    bins: list[list[int]] = [[] for _ in best]
+    cost, room = [0.0] * len(bins), [capacity] * len(bins)
+    for i in sorted(items, key=lambda i: -lengths[i]):  # the cost grows with the length: costliest first
+        fits = [b for b in range(len(bins)) if room[b] >= lengths[i]]
+        if not fits:
+            return best
+        b = min(fits, key=cost.__getitem__)
+        bins[b].append(i)
+        cost[b] += example_cost(lengths[i], attention_length)
+        room[b] -= lengths[i]
+    return bins
+
+
+def example_cost(n: int, attention_length: float) -> float:
+    """An example's forward + backward compute in token-equivalents: n tokens through the linear maps plus
+    causal attention over them, which grows as n**2 and equals the linear maps' at n = attention_length."""
+    return n + n * n / attention_length if attention_length > 0 else float(n)
+
+
+def attention_length(hf_config) -> float:
+    """The example length at which a decoder layer's causal attention costs as many FLOPs as its linear
+    maps: attention over n tokens is 2·n²·heads·head_dim FLOPs forward (QKᵀ and the weighted sum, half the
+    pairs), the linear maps 2·P·n (P: the layer's q, k, v, o and gated-MLP weights), so an example costs
+    n + n²/(P / (heads·head_dim)). About 1,700 for the built-in tiny model, 49,000 for Llama-2-7B: long
+    examples there cost little more than their tokens. 0 (balance tokens) for a config without the fields."""
+    c = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    hidden, heads, inter = (getattr(c, k, None) for k in ("hidden_size", "num_attention_heads",
+                                                             "intermediate_size"))
+    if not (hidden and heads and inter):
+        return 0.0
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    weights = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * inter
+    return weights / (heads * head_dim)
 
 
 def best_fit_decreasing(items: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -186,13 +229,16 @@ def pad_fraction(batches: Sequence[dict[str, torch.Tensor]]) -> float:
     return 1 - real / total if total else 0.0
 
 
-def batcher(cfg: RunConfig, lengths: Sequence[int]) -> Batcher:
-    """grouped / packed: the function that cuts one task shard's epoch into micro-batches."""
+def batcher(cfg: RunConfig, lengths: Sequence[int], hf_config=None) -> Batcher:
+    """grouped / packed: the function that cuts one task shard's epoch into micro-batches. ``hf_config``: the
+    model's, for packed micro-batches balanced by compute where attention is per example."""
     b = cfg.batching
     if b.mode == "grouped":
         return lambda order, rng: grouped_batches(order, lengths, cfg.micro_batch_size, b.max_tokens, rng)
     if b.mode == "packed":
-        return lambda order, rng: packed_batches(order, lengths, b.max_tokens, row_tokens(cfg), rng)
+        # under a dense block-diagonal mask every row costs its full width squared, whatever it holds
+        attn = attention_length(hf_config) if hf_config is not None and per_example_attention(cfg) else 0
+        return lambda order, rng: packed_batches(order, lengths, b.max_tokens, row_tokens(cfg), rng, attn)
     raise ValueError(f"batching.mode={b.mode} draws examples with TaskSampler.take, not with a batcher")
 
 
@@ -207,12 +253,17 @@ def row_tokens(cfg: RunConfig) -> int:
     """packed: tokens per row (``batching.row_tokens``, or its default; see config.BatchingConfig)."""
     if cfg.batching.row_tokens:
         return cfg.batching.row_tokens
-    if cfg.model.attn_implementation in ("flash_attention_2", attention.NAME):  # attention per example
+    if per_example_attention(cfg):
         return cfg.batching.max_tokens
     # The longest example: sdpa and eager apply the block-diagonal mask densely, so attention costs the
     # square of the row. Measured (bench.throughput --data realistic, 2 CPU ranks, docs/BENCHMARKS.md):
     # rows of max_seq_len pad 3.8% and cost 1.55x less per token than rows of 2 x max_seq_len (1.5%).
     return cfg.max_seq_len
+
+
+def per_example_attention(cfg: RunConfig) -> bool:
+    """Whether the attention implementation computes each packed example on its own (varlen), not the row."""
+    return cfg.model.attn_implementation in ("flash_attention_2", attention.NAME)
 
 
 def largest_micro_batch(cfg: RunConfig) -> tuple[int, int]:

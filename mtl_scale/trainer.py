@@ -254,7 +254,8 @@ def next_step_groups(run: Run, step: int, micro_batch_size: int | None = None):
                 idx = run.sampler.take(task, micro_batch_size or run.cfg.micro_batch_size)
             else:
                 if task not in run.batchers:
-                    run.batchers[task] = batching.batcher(run.cfg, [len(ids) for ids in data.input_ids])
+                    run.batchers[task] = batching.batcher(run.cfg, [len(ids) for ids in data.input_ids],
+                                                          run.model.config)
                 idx = run.sampler.take_batch(task, run.batchers[task])
             micro_batches.append(batching.collate(run.cfg, [(data.input_ids[i], data.labels[i]) for i in idx],
                                                   run.tokenizer.pad_token_id))

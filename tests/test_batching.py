@@ -162,6 +162,59 @@ def test_packed_micro_batches_are_even_so_no_rank_waits_on_a_stub():
     assert sorted(i for mb in mbs for i in mb) == list(range(150))
 
 
+def test_attention_length_on_hand_values():
+    """Where attention costs as much as the linear maps: P / (heads * head_dim), P the layer's q, k, v, o and
+    gated-MLP weights."""
+    from transformers import LlamaConfig
+    tiny = LlamaConfig(hidden_size=128, intermediate_size=384, num_attention_heads=4, num_key_value_heads=4,
+                       head_dim=32)  # the built-in base: (4 * 128 * 128 + 3 * 128 * 384) / 128
+    assert batching.attention_length(tiny) == 1664
+    llama2_7b = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32)
+    assert batching.attention_length(llama2_7b) == (4 * 4096 * 4096 + 3 * 4096 * 11008) / 4096 == 49408
+    llama3_8b = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
+    assert batching.attention_length(llama3_8b) == (4096 * 128 * (64 + 16) + 3 * 4096 * 14336) / 4096 == 53248
+    assert batching.attention_length(object()) == 0  # no fields: balance tokens
+    assert batching.example_cost(100, 400) == 125 and batching.example_cost(100, 0) == 100
+
+
+def test_packed_bins_balance_compute_when_attention_is_per_example():
+    """Equal tokens are not equal time when one row holds the long examples. Tokens alone pack [300, 300]
+    and [150] * 4 (600 tokens each; costs 1200 and 900 at attention_length 300); by compute each bin gets
+    one 300 and two 150s (1050 each)."""
+    lengths = [300, 300, 150, 150, 150, 150]
+    by_tokens = batching.balanced_bins(range(6), lengths, 600)
+    assert sorted(sorted(lengths[i] for i in b) for b in by_tokens) == [[150] * 4, [300, 300]]
+    by_cost = batching.balanced_bins(range(6), lengths, 600, attention_length=300)
+    assert [sorted(lengths[i] for i in b) for b in by_cost] == [[150, 150, 300]] * 2
+    # costliest first into the cheapest bin can strand an example the token packing placed: that one stands
+    assert batching.balanced_bins(range(5), [5, 5, 4, 3, 3], 10, attention_length=1e9) == \
+        batching.balanced_bins(range(5), [5, 5, 4, 3, 3], 10) == [[0, 1], [2, 3, 4]]
+    # long-tailed lengths (the benchmark's instruction mix): the bins' compute spread shrinks, same bins
+    rng = random.Random(0)
+    lengths = [max(8, min(512, round(rng.lognormvariate(4.16, 1.0)))) for _ in range(512)]
+    spread = {}
+    for attn in (0, 1664):
+        bins = batching.balanced_bins(range(512), lengths, 4096, attention_length=attn)
+        assert sorted(i for b in bins for i in b) == list(range(512))
+        assert all(sum(lengths[i] for i in b) <= 4096 for b in bins)
+        costs = [sum(batching.example_cost(lengths[i], 1664) for i in b) for b in bins]
+        spread[attn] = (len(bins), max(costs) / min(costs))
+    assert spread[0][0] == spread[1664][0] and spread[1664][1] < 1.02 < 1.1 < spread[0][1], spread
+
+
+def test_batcher_balances_compute_only_for_attention_per_example(tiny_model_dir):
+    """sdpa's dense mask costs every row its full width squared whatever it holds: tokens stay the load."""
+    from transformers import AutoConfig
+    hf_config = AutoConfig.from_pretrained(tiny_model_dir)
+    lengths = [300, 300, 150, 150, 150, 150]
+    base = ["tasks=[{name: a, source: 'builtin:copy'}]", "max_seq_len=300", "batching.mode=packed",
+            "batching.max_tokens=600", "batching.row_tokens=600"]  # one row per micro-batch, either way
+    for attn, want in (("sdpa", [[150] * 4, [300, 300]]), ("sdpa_varlen", [[150, 150, 300]] * 2)):
+        cfg = load_config(None, base + [f"model.attn_implementation={attn}"])
+        mbs = batching.batcher(cfg, lengths, hf_config)(list(range(6)), random.Random(0))
+        assert sorted(sorted(lengths[i] for i in mb) for mb in mbs) == want, attn
+
+
 def test_best_fit_decreasing_respects_capacity_and_keeps_every_example():
     rng = random.Random(0)
     lengths = [rng.randint(20, 300) for _ in range(1000)]
