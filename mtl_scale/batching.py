@@ -127,8 +127,11 @@ def balanced_bins(items: Sequence[int], lengths: Sequence[int], capacity: int,
 
 
 def example_cost(n: int, attention_length: float) -> float:
-    """An example's forward + backward compute in token-equivalents: n tokens through the linear maps plus
-    causal attention over them, which grows as n**2 and equals the linear maps' at n = attention_length."""
+    """An example's compute in token-equivalents: n tokens through the linear maps plus causal attention
+    over them, which grows as n**2 and equals the linear maps' at n = attention_length. Forward FLOPs: the
+    backward scales both terms by about as much (the frozen weights' by 2, attention's by 2-2.5), and the
+    balance barely depends on the exact ratio (a quarter of attention_length balances the benchmark's rows
+    as well: docs/TRAINING.md)."""
     return n + n * n / attention_length if attention_length > 0 else float(n)
 
 
@@ -136,7 +139,7 @@ def attention_length(hf_config) -> float:
     """The example length at which a decoder layer's causal attention costs as many FLOPs as its linear
     maps: attention over n tokens is 2·n²·heads·head_dim FLOPs forward (QKᵀ and the weighted sum, half the
     pairs), the linear maps 2·P·n (P: the layer's q, k, v, o and gated-MLP weights), so an example costs
-    n + n²/(P / (heads·head_dim)). About 1,700 for the built-in tiny model, 49,000 for Llama-2-7B: long
+    n + n²/(P / (heads·head_dim)). 1,664 for the built-in tiny model, 49,408 for Llama-2-7B: long
     examples there cost little more than their tokens. 0 (balance tokens) for a config without the fields."""
     c = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     hidden, heads, inter = (getattr(c, k, None) for k in ("hidden_size", "num_attention_heads",
