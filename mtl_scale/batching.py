@@ -6,7 +6,8 @@ Three modes (``batching.mode``, see docs/TRAINING.md):
 - ``grouped``: each epoch's shuffled order is cut into windows; a window is sorted by length and cut into
   micro-batches of similar lengths, and all the epoch's micro-batches are shuffled again.
 - ``packed``: each window is packed into as many rows of at most ``row_tokens`` tokens as best-fit-decreasing
-  needs, the tokens spread over them as evenly as it allows, and the shuffled rows dealt into micro-batches
+  needs, the tokens (with attention per example: the compute) spread over them as evenly as it allows, and
+  the shuffled rows dealt into micro-batches
   of at most max_tokens // row_tokens rows; examples share rows, each with its own
   position ids from 0, and no padding mask. ``collate_packed`` lays them out.
 
@@ -95,12 +96,14 @@ def balanced_bins(items: Sequence[int], lengths: Sequence[int], capacity: int,
 
     The load is tokens: best-fit-decreasing's packing at the smallest capacity (down to the mean load) that
     needs no more bins, found by bisection (the examples bound it: [10, 10, 10, 1] in 2 bins stays 20 + 11).
+
     With ``attention_length`` (attention per example: flash-attn varlen, sdpa_varlen) the load is each
     example's compute, n + n**2 / attention_length (``example_cost``): two rows of equal tokens cost
     unequal time when one holds the long examples, and the rank with the cheaper row waits for the other.
-    Those bins are filled longest-processing-time first (each example, costliest first, into the cheapest
-    bin it fits), still within ``capacity`` tokens; if that leaves an example without room, the token
-    packing stands."""
+    The same number of bins is filled longest-processing-time first (each example, costliest first, into
+    the cheapest bin with room). Where the rows are filled so tightly that this strands an example (short
+    of room everywhere), best-fit-decreasing runs under a cap on each bin's compute as well, the cap
+    bisected down as far as it needs no more bins: never costlier than the token packing's dearest bin."""
     best = best_fit_decreasing(items, lengths, capacity)
     lo = max([-(-sum(lengths[i] for i in items) // max(1, len(best)))] + [lengths[i] for i in items])
     hi = capacity
@@ -113,15 +116,55 @@ def balanced_bins(items: Sequence[int], lengths: Sequence[int], capacity: int,
             lo = mid + 1
     if attention_length <= 0 or len(best) < 2:
         return best
-    bins: list[list[int]] = [[] for _ in best]
-    cost, room = [0.0] * len(bins), [capacity] * len(bins)
+    cost = {i: example_cost(lengths[i], attention_length) for i in items}
+    by_compute = _cheapest_first(items, lengths, capacity, cost, len(best))
+    if by_compute is not None:
+        return by_compute
+    low, high = max(sum(cost.values()) / len(best), max(cost.values())), max(sum(cost[i] for i in b) for b in best)
+    while high - low > 1:  # to one token-equivalent
+        cap = (low + high) / 2
+        trial = _best_fit_capped(items, lengths, capacity, cost, cap)
+        if len(trial) <= len(best):
+            best, high = trial, cap
+        else:
+            low = cap
+    return best
+
+
+def _cheapest_first(items: Sequence[int], lengths: Sequence[int], capacity: int, cost: dict[int, float],
+                    n_bins: int) -> list[list[int]] | None:
+    """``n_bins`` bins filled costliest example first, each into the cheapest bin with room; None if one
+    finds no room."""
+    bins: list[list[int]] = [[] for _ in range(n_bins)]
+    load, room = [0.0] * n_bins, [capacity] * n_bins
     for i in sorted(items, key=lambda i: -lengths[i]):  # the cost grows with the length: costliest first
-        fits = [b for b in range(len(bins)) if room[b] >= lengths[i]]
+        fits = [b for b in range(n_bins) if room[b] >= lengths[i]]
         if not fits:
-            return best
-        b = min(fits, key=cost.__getitem__)
+            return None
+        b = min(fits, key=load.__getitem__)
         bins[b].append(i)
-        cost[b] += example_cost(lengths[i], attention_length)
+        load[b] += cost[i]
+        room[b] -= lengths[i]
+    return bins
+
+
+def _best_fit_capped(items: Sequence[int], lengths: Sequence[int], capacity: int, cost: dict[int, float],
+                     cap: float) -> list[list[int]]:
+    """Best-fit-decreasing with two limits per bin, ``capacity`` tokens and ``cap`` compute: longest first,
+    each into the costliest bin it still fits in (a new bin if none)."""
+    bins: list[list[int]] = []
+    load: list[float] = []
+    room: list[int] = []
+    for i in sorted(items, key=lambda i: -lengths[i]):
+        fits = [b for b in range(len(bins)) if room[b] >= lengths[i] and load[b] + cost[i] <= cap]
+        if not fits:
+            bins.append([])
+            load.append(0.0)
+            room.append(capacity)
+            fits = [len(bins) - 1]
+        b = max(fits, key=load.__getitem__)  # max keeps the first on ties: deterministic
+        bins[b].append(i)
+        load[b] += cost[i]
         room[b] -= lengths[i]
     return bins
 
@@ -239,8 +282,7 @@ def batcher(cfg: RunConfig, lengths: Sequence[int], hf_config=None) -> Batcher:
     if b.mode == "grouped":
         return lambda order, rng: grouped_batches(order, lengths, cfg.micro_batch_size, b.max_tokens, rng)
     if b.mode == "packed":
-        # under a dense block-diagonal mask every row costs its full width squared, whatever it holds
-        attn = attention_length(hf_config) if hf_config is not None and per_example_attention(cfg) else 0
+        attn = compute_balance(cfg, hf_config)
         return lambda order, rng: packed_batches(order, lengths, b.max_tokens, row_tokens(cfg), rng, attn)
     raise ValueError(f"batching.mode={b.mode} draws examples with TaskSampler.take, not with a batcher")
 
@@ -264,6 +306,12 @@ def row_tokens(cfg: RunConfig) -> int:
     return cfg.max_seq_len
 
 
+def compute_balance(cfg: RunConfig, hf_config) -> float:
+    """The attention_length packed rows are balanced with (``balanced_bins``), 0 for tokens: under a dense
+    block-diagonal mask (sdpa, eager) every row costs its full width squared, whatever it holds."""
+    return attention_length(hf_config) if hf_config is not None and per_example_attention(cfg) else 0.0
+
+
 def per_example_attention(cfg: RunConfig) -> bool:
     """Whether the attention implementation computes each packed example on its own (varlen), not the row."""
     return cfg.model.attn_implementation in ("flash_attention_2", attention.NAME)
@@ -281,13 +329,16 @@ def largest_micro_batch(cfg: RunConfig) -> tuple[int, int]:
     return cfg.micro_batch_size, cfg.max_seq_len
 
 
-def describe(cfg: RunConfig) -> str:
-    """The batching of a run in words, for its first log line."""
+def describe(cfg: RunConfig, hf_config=None) -> str:
+    """The batching of a run in words, for its first log line (``hf_config``: the model's, to say what
+    packed rows are balanced by)."""
     b = cfg.batching
     if b.mode == "padded":
         return f"padded ({cfg.micro_batch_size} examples per micro-batch)"
     if b.mode == "grouped":
         size = f"<= {b.max_tokens} padded tokens" if b.max_tokens else f"{cfg.micro_batch_size} examples"
         return f"grouped by length ({size} per micro-batch)"
-    return (f"packed (<= {b.max_tokens} tokens per micro-batch, rows of <= {row_tokens(cfg)}, "
-            f"{cfg.model.attn_implementation} attention with position ids restarting per example)")
+    attn = compute_balance(cfg, hf_config)
+    balance = f"compute (attention_length {attn:.0f})" if attn else "tokens"
+    return (f"packed (<= {b.max_tokens} tokens per micro-batch, rows of <= {row_tokens(cfg)} balanced by "
+            f"{balance}, {cfg.model.attn_implementation} attention with position ids restarting per example)")

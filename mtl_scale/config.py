@@ -212,7 +212,8 @@ class BatchingConfig:
     """packed: most tokens in one row; a micro-batch holds max_tokens // row_tokens rows, packed best-fit-
     decreasing. 0: max_tokens (one row) under model.attn_implementation=flash_attention_2 or sdpa_varlen,
     whose attention costs per example; else max_seq_len, because sdpa and eager apply the block-diagonal
-    mask densely (quadratic in the row). Larger rows pack tighter. Between max_seq_len and max_tokens."""
+    mask densely (quadratic in the row). Larger rows pack tighter. Between max_seq_len and max_tokens.
+    Rows hold equal tokens, or under attention per example equal compute (batching.balanced_bins)."""
 
 
 @dataclass
