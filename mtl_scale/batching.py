@@ -120,7 +120,8 @@ def balanced_bins(items: Sequence[int], lengths: Sequence[int], capacity: int,
     by_compute = _cheapest_first(items, lengths, capacity, cost, len(best))
     if by_compute is not None:
         return by_compute
-    low, high = max(sum(cost.values()) / len(best), max(cost.values())), max(sum(cost[i] for i in b) for b in best)
+    low = max(sum(cost.values()) / len(best), max(cost.values()))
+    high = max(sum(cost[i] for i in b) for b in best)  # the token packing's dearest bin
     while high - low > 1:  # to one token-equivalent
         cap = (low + high) / 2
         trial = _best_fit_capped(items, lengths, capacity, cost, cap)
@@ -183,7 +184,9 @@ def attention_length(hf_config) -> float:
     maps: attention over n tokens is 2·n²·heads·head_dim FLOPs forward (QKᵀ and the weighted sum, half the
     pairs), the linear maps 2·P·n (P: the layer's q, k, v, o and gated-MLP weights), so an example costs
     n + n²/(P / (heads·head_dim)). 1,664 for the built-in tiny model, 49,408 for Llama-2-7B: long
-    examples there cost little more than their tokens. 0 (balance tokens) for a config without the fields."""
+    examples there cost little more than their tokens. 0 (balance tokens) for a config without the fields.
+    A weight for balancing, not an exact count: an MoE layer counts one expert, a non-gated MLP three
+    matrices."""
     c = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     hidden, heads, inter = (getattr(c, k, None) for k in ("hidden_size", "num_attention_heads",
                                                              "intermediate_size"))
