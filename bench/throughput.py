@@ -269,17 +269,16 @@ def ratios(med: dict[str, dict], surgery: dict[int, dict]) -> dict[str, float]:
         out["ours-adaptive/ours-soft step_time"] = med["ours-adaptive"]["step_time_s"] / med["ours-soft"]["step_time_s"]
         # the controller's own share, timed inside the step loop: free of the launch-to-launch noise above
         out["ours-adaptive controller/step_time"] = med["ours-adaptive"]["controller_s"] / med["ours-adaptive"]["step_time_s"]
-    for ours in PACKED_VARIANTS:
-        if {ours, "ours-hard"} <= set(med):
+    others = [v for v in ("hf", "hf-grouped", "trl-packed") if v in med]
+    best = max(others, key=lambda v: med[v]["tokens_per_s"]) if others else None
+    for ours in [v for v in PACKED_VARIANTS if v in med]:
+        if "ours-hard" in med:
             out[f"{ours}/ours-padded tokens_per_s"] = med[ours]["tokens_per_s"] / med["ours-hard"]["tokens_per_s"]
+        if best:
+            out[f"{ours}/best-hf-trl({best}) tokens_per_s"] = med[ours]["tokens_per_s"] / med[best]["tokens_per_s"]
     if {"ours-grouped", "ours-hard"} <= set(med):
         out["ours-grouped/ours-padded tokens_per_s"] = \
             med["ours-grouped"]["tokens_per_s"] / med["ours-hard"]["tokens_per_s"]
-    others = [v for v in ("hf", "hf-grouped", "trl-packed") if v in med]
-    for ours in PACKED_VARIANTS:
-        if ours in med and others:
-            best = max(others, key=lambda v: med[v]["tokens_per_s"])
-            out[f"{ours}/best-hf-trl({best}) tokens_per_s"] = med[ours]["tokens_per_s"] / med[best]["tokens_per_s"]
     if {"ours-packed-zero2", "ours-packed"} <= set(med):
         out["zero2/zero3 step_time (ours-packed)"] = \
             med["ours-packed-zero2"]["step_time_s"] / med["ours-packed"]["step_time_s"]
