@@ -491,8 +491,8 @@ def verdict(report: dict, cfg, names: list[str], adapters_root: Path, out: Path,
                              "worst_retention_se": report["best"].get("worst_retention_se"),
                              "near_target": near_target(report.get("retention", {}).get(best, {}),
                                                         report.get("retention_se", {}).get(best, {}), target),
-                             "artifact": str(out / "adapters" / report["best"]["method"]),
-                             "what": f"one merged adapter ({report['best']['method']}, scale {report['best']['scale']:g})"}
+                             "artifact": str(out / "adapters" / best),
+                             "what": f"one merged adapter ({best}, scale {report['best']['scale']:g})"}
     if cfg.sharing == "hard":
         options["single"] = {"worst_retention": 1.0, "artifact": str(adapters_root / SHARED),
                              "what": "the shared adapter every task trained"}
