@@ -17,8 +17,10 @@
 # Where a step's time goes (torch.profiler: DIR/<stack>-<sharing>-<n>.json trace and .txt table by GPU time):
 #   bash bench/gpu_throughput.sh --data realistic --variants ours-hard,ours-packed --once --steps 3 \
 #       --kernel-profile runs/kernels deepspeed_config=auto
-# Without flash-attn, packed rows under sdpa's dense mask against attention per example (not yet run on a GPU):
-#   bash bench/gpu_throughput.sh --data realistic --variants ours-packed,ours-packed-varlen --once deepspeed_config=auto
+# Without flash-attn, packed rows under sdpa's dense mask against attention per example (sdpa_varlen: PyTorch's
+# own flash varlen kernel, one call per layer, on GPUs; not yet run on one):
+#   bash bench/gpu_throughput.sh --data realistic --variants ours-packed,ours-packed-varlen --once deepspeed_config=auto \
+#       model.liger_kernels=true
 #
 # NPROCS (default: every visible GPU) ranks, MICRO_BATCH_SIZE (default 4) examples per micro-batch (packed:
 # that many max_seq_len rows of token budget); extra flags go to bench.throughput before the overrides.

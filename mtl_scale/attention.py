@@ -8,6 +8,12 @@ the same thing for any device: one causal ``scaled_dot_product_attention`` per e
 kernel with no mask (PyTorch's flash kernel on CPU too). PyTorch has no CPU varlen kernel to call instead:
 ``torch.nn.attention.varlen.varlen_attn`` is CUDA-only, and nested-tensor sdpa has no CPU backend.
 
+On a GPU (bf16 or fp16, compute capability 8.0+, a torch with ``varlen_attn`` and its backward) every
+example of every row runs in one call of that kernel per layer instead (``varlen_kernel``): what
+flash_attention_2 computes, without the flash-attn package, which often has no wheel for the installed
+torch and CUDA (none on the H200 lent for issue 17). A loop of one small kernel per example would be
+host-bound there: ~50 GSM8K examples per 8,192-token micro-batch are ~800 launches per forward.
+
 It is registered with transformers' attention and mask interfaces (``register``), so the model code is
 stock: the mask function builds no mask for a forward with no padding mask and no cached prefix (a
 training micro-batch, packed or not), and everything else, padded batches with an attention mask and
@@ -17,7 +23,11 @@ for full causal attention: models with a sliding window or logit soft-capping ar
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -64,13 +74,16 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
             or kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, position_ids=position_ids, **kwargs)
+    segs_per_row = row_segments(position_ids, query.shape[0])
+    kernel = varlen_kernel(query.device, query.dtype, query.shape[-1], dropout)
+    if kernel is not None:
+        return varlen_forward(kernel, query, key, value, segs_per_row, scaling), None
     gqa = query.shape[1] != key.shape[1]
     rows = []
     # unbind and split, not slices: a slice's backward writes its gradient into a zero tensor of the
     # whole input, one per example per layer; split's backward is one concatenation (measured on CPU:
     # the zero-fills and adds cost more than the attention saved, docs/BENCHMARKS.md)
-    for q, k, v, segs in zip(query.unbind(0), key.unbind(0), value.unbind(0),
-                             row_segments(position_ids, query.shape[0])):
+    for q, k, v, segs in zip(query.unbind(0), key.unbind(0), value.unbind(0), segs_per_row):
         sizes = [e - s for s, e in segs]
         # 4-D (1, H, n, D) per example: sdpa's fused CPU kernel takes 4-D inputs only (3-D runs its math
         # path); each output transposed to (1, n, H, D) and concatenated in that layout: the one copy the
@@ -80,6 +93,98 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
             enable_gqa=gqa).transpose(1, 2)
             for qs, ks, vs in zip(q.split(sizes, dim=1), k.split(sizes, dim=1), v.split(sizes, dim=1))], dim=1))
     return torch.cat(rows), None
+
+
+@dataclass(frozen=True)
+class VarlenKernel:
+    """torch's flash varlen kernel and how this torch's ``varlen_attn`` is called: its signature changed
+    between releases (``is_causal=True`` at first, ``window_size=(-1, 0)`` later; ``enable_gqa`` later still)."""
+    fn: Callable
+    causal: dict
+    """The keyword that makes it causal."""
+    gqa: bool
+    """It takes ``enable_gqa`` (fewer KV heads than query heads); without it they are repeated."""
+
+
+def kernel_from(fn: Callable, has_backward: bool) -> VarlenKernel | None:
+    """How to call ``fn`` (a ``varlen_attn``), or None where it cannot train this model's attention: no
+    backward, no ``scale`` (the earliest releases; models scale by more than the head size) or no way to
+    ask for causal attention."""
+    params = inspect.signature(fn).parameters
+    if not has_backward or "scale" not in params:
+        return None
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    return VarlenKernel(fn, causal, "enable_gqa" in params)
+
+
+@functools.cache
+def _torch_varlen() -> VarlenKernel | None:
+    try:
+        from torch.nn.attention import varlen
+    except ImportError:  # torch < 2.9
+        return None
+    return kernel_from(varlen.varlen_attn, hasattr(varlen, "_varlen_attn_backward"))
+
+
+@functools.cache
+def _flash_capable(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)  # FlashAttention 2: Ampere and later
+
+
+def varlen_kernel(device: torch.device | str, dtype: torch.dtype, head_dim: int,
+                  dropout: float = 0.0) -> VarlenKernel | None:
+    """torch's flash varlen kernel where it can compute this attention, else None (one sdpa per example):
+    a CUDA device of compute capability 8.0+, bf16 or fp16, a head size flash supports, no dropout (the
+    kernel has none)."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or dropout:
+        return None
+    if head_dim % 8 or head_dim > 256 or not _flash_capable(device):
+        return None
+    return _torch_varlen()
+
+
+def packed_kernel(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> str:
+    """Which kernel attends a packed row's examples under sdpa_varlen, in words (the run's first log line)."""
+    if varlen_kernel(device, dtype, head_dim) is not None:
+        return "torch's flash varlen kernel, one call per layer"
+    return "one sdpa call per example"
+
+
+def cu_seqlens(segments_per_row: list[list[tuple[int, int]]], row_length: int) -> tuple[list[int], int]:
+    """The rows laid end to end as one sequence of tokens: where each example starts in it, then its end
+    (flash's ``cu_seqlens``), and the longest example."""
+    cu, longest = [0], 0
+    for r, segs in enumerate(segments_per_row):
+        for start, end in segs:
+            cu.append(r * row_length + end)
+            longest = max(longest, end - start)
+    return cu, longest
+
+
+def varlen_forward(kernel: VarlenKernel, query, key, value, segments_per_row, scaling=None) -> torch.Tensor:
+    """Every example of every row in one kernel call: query (B, H, T, D), key and value (B, H_kv, T, D) as
+    (B*T, heads, D) token-major (the layout the projections made: transformers transposed it to heads-major
+    for attention), returned as (B, T, H, D)."""
+    b, h, t, d = query.shape
+    h_kv = key.shape[1]
+    cu, longest = cu_seqlens(segments_per_row, t)
+    # from host memory, asynchronously: a blocking copy would wait for every kernel already queued
+    cu = torch.tensor(cu, dtype=torch.int32).to(query.device, non_blocking=True)
+    q = query.transpose(1, 2).reshape(b * t, h, d)
+    k, v = (x.transpose(1, 2).reshape(b * t, h_kv, d) for x in (key, value))
+    gqa = {}
+    if h != h_kv and kernel.gqa:
+        gqa = {"enable_gqa": True}
+    elif h != h_kv:  # query head i reads KV head i // (h / h_kv), as transformers' repeat_kv lays them out
+        k, v = (x.repeat_interleave(h // h_kv, dim=1) for x in (k, v))
+    out = kernel.fn(q, k, v, cu, cu, longest, longest, scale=scaling, **kernel.causal, **gqa)
+    return out.view(b, t, h, d)
 
 
 def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, local_size=None,

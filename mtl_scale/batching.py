@@ -28,6 +28,7 @@ from mtl_scale import attention
 from mtl_scale.config import RunConfig
 from mtl_scale.data.formatting import IGNORE, real_tokens
 from mtl_scale.data.formatting import collate as collate_padded
+from mtl_scale.model import DTYPES
 
 GROUP_WINDOW_BATCHES = 50
 """grouped: a length-sorted window holds this many micro-batches' examples (HF's LengthGroupedSampler
@@ -332,9 +333,9 @@ def largest_micro_batch(cfg: RunConfig) -> tuple[int, int]:
     return cfg.micro_batch_size, cfg.max_seq_len
 
 
-def describe(cfg: RunConfig, hf_config=None) -> str:
+def describe(cfg: RunConfig, hf_config=None, device: torch.device | str = "cpu") -> str:
     """The batching of a run in words, for its first log line (``hf_config``: the model's, to say what
-    packed rows are balanced by)."""
+    packed rows are balanced by; ``device``: where they run, to say which kernel attends them)."""
     b = cfg.batching
     if b.mode == "padded":
         return f"padded ({cfg.micro_batch_size} examples per micro-batch)"
@@ -343,5 +344,10 @@ def describe(cfg: RunConfig, hf_config=None) -> str:
         return f"grouped by length ({size} per micro-batch)"
     attn = compute_balance(cfg, hf_config)
     balance = f"compute (attention_length {attn:.0f})" if attn else "tokens"
+    kernel = ""
+    if cfg.model.attn_implementation == attention.NAME and hf_config is not None:
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        kernel = f" ({attention.packed_kernel(device, DTYPES[cfg.model.dtype], head_dim)})"
     return (f"packed (<= {b.max_tokens} tokens per micro-batch, rows of <= {row_tokens(cfg)} balanced by "
-            f"{balance}, {cfg.model.attn_implementation} attention with position ids restarting per example)")
+            f"{balance}, {cfg.model.attn_implementation} attention{kernel} with position ids restarting per "
+            f"example)")

@@ -147,3 +147,121 @@ def test_models_whose_attention_is_not_full_causal_are_refused():
     attention.check_model(MistralConfig(sliding_window=None))
     attention.check_model(Qwen2Config(use_sliding_window=False, sliding_window=4096))  # the window is off
     attention.check_model(_gqa_config())
+
+
+def _releases():
+    """``varlen_attn``'s signatures across torch releases, as this module must call them."""
+    def first(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        pass
+
+    def scaled(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, *, return_aux=None,
+               scale=None):
+        pass
+
+    def windowed(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                 window_size=(-1, -1), k_cache=None):
+        pass
+
+    def gqa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+            window_size=(-1, -1), enable_gqa=False):
+        pass
+    return first, scaled, windowed, gqa
+
+
+def test_each_torch_release_of_varlen_attn_is_called_as_it_takes_causal_and_gqa():
+    first, scaled, windowed, gqa = _releases()
+    K = attention.VarlenKernel
+    assert attention.kernel_from(first, has_backward=True) is None  # no scale: Gemma's would be wrong
+    assert attention.kernel_from(scaled, has_backward=True) == K(scaled, {"is_causal": True}, False)
+    assert attention.kernel_from(windowed, has_backward=True) == K(windowed, {"window_size": (-1, 0)}, False)
+    assert attention.kernel_from(gqa, has_backward=True) == K(gqa, {"window_size": (-1, 0)}, True)
+    assert attention.kernel_from(gqa, has_backward=False) is None  # forward only: cannot train
+    from torch.nn.attention import varlen  # this machine's torch: CUDA-only, but its signature is read
+    assert attention._torch_varlen() == attention.kernel_from(varlen.varlen_attn, True) is not None
+
+
+def test_the_varlen_kernel_is_used_only_where_flash_runs():
+    """Everything here returns before asking a GPU anything (this machine has none)."""
+    assert attention.varlen_kernel("cpu", torch.bfloat16, 64) is None
+    assert attention.varlen_kernel("cuda", torch.float32, 64) is None
+    assert attention.varlen_kernel("cuda", torch.bfloat16, 64, dropout=0.1) is None
+    assert attention.varlen_kernel("cuda", torch.bfloat16, 12) is None  # flash: head size a multiple of 8
+    assert attention.varlen_kernel("cuda", torch.float16, 512) is None  # ... and at most 256
+    assert attention.packed_kernel("cpu", torch.float32, 64) == "one sdpa call per example"
+
+
+def test_cu_seqlens_lay_the_rows_end_to_end():
+    assert attention.cu_seqlens([[(0, 3), (3, 5)], [(0, 5)], [(0, 1), (1, 2), (2, 5)]], 5) == \
+        ([0, 3, 5, 10, 11, 12, 15], 5)
+    assert attention.cu_seqlens([[(0, 2), (2, 6)]], 6) == ([0, 2, 6], 4)
+
+
+def _reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
+                           window_size=(-1, -1), is_causal=False, enable_gqa=False):
+    """What torch's varlen_attn computes (its docstring), on any device: (T, H, D) tokens, cu_seqlens."""
+    assert cu_seq_q is cu_seq_k and cu_seq_q.dtype == torch.int32 and max_q == max_k
+    bounds = cu_seq_q.tolist()
+    assert max_q == max(e - s for s, e in zip(bounds, bounds[1:]))
+    causal = window_size == (-1, 0) or is_causal
+    assert causal and window_size in ((-1, 0), (-1, -1))
+    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        *(x[s:e].transpose(0, 1).unsqueeze(0) for x in (query, key, value)), is_causal=True, scale=scale,
+        enable_gqa=enable_gqa)[0].transpose(0, 1) for s, e in zip(bounds, bounds[1:])])
+
+
+@pytest.mark.parametrize("release", ["windowed", "gqa"])
+def test_one_varlen_call_equals_one_sdpa_per_example(release):
+    """The layout around the kernel: heads-major in, tokens of all rows end to end, KV heads repeated where
+    the release takes no enable_gqa, (B, T, H, D) out; values and gradients, GQA (2 KV heads for 4), a
+    scale that is not the head size's."""
+    fn = dict(zip(["first", "scaled", "windowed", "gqa"], _releases()))[release]
+    kernel = attention.kernel_from(fn, True)
+    kernel = attention.VarlenKernel(_reference_varlen_attn, kernel.causal, kernel.gqa)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 24, 8, generator=g).requires_grad_()
+    k, v = (torch.randn(2, 2, 24, 8, generator=g).requires_grad_() for _ in range(2))
+    pos = torch.tensor([list(range(10)) + list(range(6)) + list(range(8)),
+                        list(range(3)) + list(range(21))])
+    out = {}
+    for path, use in (("kernel", kernel), ("per example", None)):
+        for x in (q, k, v):
+            x.grad = None
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(attention, "varlen_kernel", lambda *a, **kw: use)
+            o, _ = attention.sdpa_varlen_forward(None, q, k, v, None, scaling=0.3, position_ids=pos)
+        (o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum().backward()
+        out[path] = o.detach(), [x.grad.clone() for x in (q, k, v)]
+    assert out["kernel"][0].shape == (2, 24, 4, 8)
+    torch.testing.assert_close(out["kernel"][0], out["per example"][0])
+    for a, b in zip(out["kernel"][1], out["per example"][1]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or attention.varlen_kernel("cuda", torch.bfloat16, 64) is None,
+                    reason="torch's flash varlen kernel needs a CUDA GPU of compute capability 8.0+")
+def test_the_flash_varlen_kernel_equals_one_sdpa_per_example_on_gpu():
+    """The real kernel (CUDA only: run on a lent GPU), bf16, GQA: values and gradients as the per-example
+    loop gives them, and the kernel is what ran."""
+    from torch.profiler import profile
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 8, 256, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    k, v = (torch.randn(2, 2, 256, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+            for _ in range(2))
+    pos = torch.tensor([list(range(100)) + list(range(56)) + list(range(100)),
+                        list(range(30)) + list(range(200)) + list(range(26))], device="cuda")
+    weight = torch.linspace(-1, 1, 2 * 256 * 8 * 64, device="cuda").view(2, 256, 8, 64)
+    out = {}
+    for path in ("kernel", "per example"):
+        for x in (q, k, v):
+            x.grad = None
+        with pytest.MonkeyPatch.context() as mp, profile() as prof:
+            if path == "per example":
+                mp.setattr(attention, "varlen_kernel", lambda *a, **kw: None)
+            o, _ = attention.sdpa_varlen_forward(None, q, k, v, None, scaling=0.125, position_ids=pos)
+            (o.float() * weight).sum().backward()
+        names = {e.name for e in prof.events()}  # sdpa's flash backend runs flash too: the op's name tells
+        assert any("_varlen_attn" in n for n in names) == (path == "kernel"), sorted(names)
+        out[path] = o.detach().float(), [x.grad.float() for x in (q, k, v)]
+    torch.testing.assert_close(out["kernel"][0], out["per example"][0], atol=2e-2, rtol=2e-2)
+    for a, b in zip(out["kernel"][1], out["per example"][1]):
+        torch.testing.assert_close(a, b, atol=2e-2 * float(b.abs().max()), rtol=2e-2)

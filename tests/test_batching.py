@@ -222,7 +222,9 @@ def test_batcher_balances_compute_only_for_attention_per_example(tiny_model_dir)
         mbs = batching.batcher(cfg, lengths, hf_config)(list(range(6)), random.Random(0))
         assert sorted(sorted(lengths[i] for i in mb) for mb in mbs) == want, attn
         said = "compute (attention_length 1664)" if attn == "sdpa_varlen" else "tokens"
-        assert f"rows of <= 600 balanced by {said}, {attn} attention" in batching.describe(cfg, hf_config)
+        kernel = " (one sdpa call per example)" if attn == "sdpa_varlen" else ""  # on CPU: the loop
+        assert f"rows of <= 600 balanced by {said}, {attn} attention{kernel} with position ids" \
+            in batching.describe(cfg, hf_config)
 
 
 def test_best_fit_decreasing_respects_capacity_and_keeps_every_example():

@@ -301,7 +301,9 @@ def activation_bytes_per_token(shape: ModelShape, inp: PlanInputs,
         repeat = inp.attn_implementation in ("sdpa", "sdpa_varlen") and inp.padded and kv != h
         attn = p * (2 * h + 2 * (h if repeat else kv)) + 4 * n
         if inp.attn_implementation == "sdpa_varlen" and not inp.padded:
-            attn += p * h  # the per-example outputs sdpa saves, besides their concatenation o_proj saves
+            # the per-example outputs sdpa saves, besides their concatenation o_proj saves (on a GPU the
+            # varlen kernel saves one output, but KV heads repeated where torch lacks enable_gqa: ~the same)
+            attn += p * h
     mlp = 3 * p * i
     targets, lp, wrap = _layer0(targets), lora_dtype_bytes(inp), built_under_zero_init(inp)
     # Inputs of Linear layers, each saved once however many layers read it (q, k, v share theirs)
