@@ -82,8 +82,8 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], 
     drawn); they leave the step exactly as they entered it, Adam moments included (see
     ``keep_unchanged``). ``loss_in_model``: the model computes the summed loss from the labels
     (Liger's fused linear cross-entropy, ``formatting.summed_loss``). ``logits_at_labels``: the model
-    projects to the vocabulary only where a label follows (``formatting.loss_positions``; the model must
-    take ``logits_to_keep``).
+    projects to the vocabulary (or the fused loss multiplies by lm_head) only where a label follows
+    (``formatting.loss_positions``; the model must take ``logits_to_keep``).
 
     Every rank must call this with the same tasks and micro-batch counts in the same order: ZeRO-3
     gathers parameters and reduce-scatters gradients collectively at each micro-step.
@@ -103,7 +103,7 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], 
             stats.loss_tokens[task] = stats.loss_tokens.get(task, 0) + completion_tokens(batch)
             stats.tokens += real_tokens(batch)
             stats.examples[task] = stats.examples.get(task, 0) + example_count(batch)
-            if logits_at_labels and not loss_in_model:  # (the fused loss never makes logits)
+            if logits_at_labels:
                 batch = {**batch, "loss_positions": loss_positions(batch["labels"])}
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
             loss_sum = summed_loss(engine, batch, loss_in_model)  # padded: attention_mask; packed: position_ids

@@ -74,28 +74,36 @@ def test_loss_taken_in_the_model_equals_the_logits_path(tiny_model_dir):
     """model.liger_kernels: the engine passes the labels and num_items_in_batch=1 and reads the model's own
     loss (Liger's fused linear cross-entropy on a GPU; transformers' causal-LM loss here, the function the
     fused one replaces): the same summed NLL, and the same LoRA gradients, as the logits path, through
-    PEFT, padded and packed."""
+    PEFT, padded and packed; and so with the hidden states at the labelled positions only (logits_to_keep
+    and shift_labels, which Liger's patched forward takes as transformers' does), projected there only."""
     import peft
     from transformers import AutoModelForCausalLM
-    from mtl_scale.data.formatting import summed_loss
+    from mtl_scale.data.formatting import loss_positions, summed_loss
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
                                                       init_lora_weights=False)).train()
-    examples = token_examples([7, 12, 5, 9, 16, 3, 11], seed=2)
+    examples = [(ids, [IGNORE] * (len(ids) // 2) + lab[len(ids) // 2:])  # prompts: the first half unlabelled
+                for ids, lab in token_examples([7, 12, 5, 9, 16, 3, 11], seed=2)]
     for batch in (collate(examples, pad_id=0), batching.collate_packed(examples, pad_id=0, row_tokens=30)):
-        losses, grads = [], []
-        for in_model in (False, True):
+        at = loss_positions(batch["labels"])
+        assert 0 < len(at) < batch["input_ids"].shape[1] - 1
+        losses, grads, projected = [], [], []
+        hook = base.lm_head.register_forward_hook(lambda _m, args, _out: projected.append(args[0].shape[1]))
+        for b, in_model in ((batch, False), (batch, True), ({**batch, "loss_positions": at}, True)):
             model.zero_grad()
-            loss = summed_loss(model, batch, in_model)
+            loss = summed_loss(model, b, in_model)
             loss.backward()
             losses.append(loss.detach())
             grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        hook.remove()
+        assert projected == [batch["input_ids"].shape[1]] * 2 + [len(at)]
         ref = token_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])[0]
         torch.testing.assert_close(losses[0], ref.detach())
-        torch.testing.assert_close(losses[1], losses[0], atol=1e-4, rtol=1e-6)
         assert losses[0] > completion_tokens(batch)  # a sum (random tokens: nats each), not a mean
-        for a, b in zip(*grads):
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+        for loss, g in zip(losses[1:], grads[1:]):
+            torch.testing.assert_close(loss, losses[0], atol=1e-4, rtol=1e-6)
+            for a, b in zip(grads[0], g):
+                torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
 def test_example_count_padded_and_packed():

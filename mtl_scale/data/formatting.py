@@ -246,11 +246,16 @@ def summed_loss(model, batch: dict[str, torch.Tensor], in_model: bool = False) -
     ``in_model``: the model takes the loss itself from ``labels``. ``num_items_in_batch=1`` turns
     transformers' causal-LM loss, and Liger's fused linear cross-entropy that replaces it
     (model.liger_kernels), from a mean into this sum; the fused kernel then never materialises the
-    (tokens x vocabulary) logits. Else the loss is taken here, from the logits.
+    (tokens x vocabulary) logits. With the positions, it gets the hidden states there only
+    (``logits_to_keep``) and their targets already shifted (``shift_labels``): the fused kernel's matmul
+    with ``lm_head`` then skips the prompts too. Else the loss is taken here, from the logits.
     """
-    if in_model:
-        return model(**model_inputs(batch), labels=batch["labels"], num_items_in_batch=1).loss
     at = batch.get("loss_positions")
+    if in_model and at is None:
+        return model(**model_inputs(batch), labels=batch["labels"], num_items_in_batch=1).loss
+    if in_model:  # labels too: transformers' forward takes a loss only when it is given labels
+        return model(**model_inputs(batch), labels=batch["labels"], shift_labels=batch["labels"][:, at + 1],
+                     logits_to_keep=at, num_items_in_batch=1).loss
     if at is None:
         return token_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])[0]
     return _nll_sum(model(**model_inputs(batch), logits_to_keep=at).logits, batch["labels"][:, at + 1])
