@@ -113,17 +113,18 @@ def kernel_from(fn: Callable, has_backward: bool) -> VarlenKernel | None:
     params = inspect.signature(fn).parameters
     if not has_backward or "scale" not in params:
         return None
-    if "window_size" in params:
-        causal = {"window_size": (-1, 0)}
-    elif "is_causal" in params:
+    if "is_causal" in params:
         causal = {"is_causal": True}
+    elif "window_size" in params:
+        causal = {"window_size": (-1, 0)}
     else:
         return None
     return VarlenKernel(fn, causal, "enable_gqa" in params)
 
 
 @functools.cache
-def _torch_varlen() -> VarlenKernel | None:
+def torch_varlen() -> VarlenKernel | None:
+    """This torch's ``varlen_attn``, where it can train (``kernel_from``); whether it runs is ``varlen_kernel``'s."""
     try:
         from torch.nn.attention import varlen
     except ImportError:  # torch < 2.9
@@ -146,12 +147,13 @@ def varlen_kernel(device: torch.device | str, dtype: torch.dtype, head_dim: int,
         return None
     if head_dim % 8 or head_dim > 256 or not _flash_capable(device):
         return None
-    return _torch_varlen()
+    return torch_varlen()
 
 
-def packed_kernel(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> str:
-    """Which kernel attends a packed row's examples under sdpa_varlen, in words (the run's first log line)."""
-    if varlen_kernel(device, dtype, head_dim) is not None:
+def packed_kernel(device: torch.device | str, dtype: torch.dtype, head_dim: int, dropout: float = 0.0) -> str:
+    """Which kernel attends a packed row's examples under sdpa_varlen in training, in words (the run's first
+    log line)."""
+    if varlen_kernel(device, dtype, head_dim, dropout) is not None:
         return "torch's flash varlen kernel, one call per layer"
     return "one sdpa call per example"
 
@@ -167,15 +169,29 @@ def cu_seqlens(segments_per_row: list[list[tuple[int, int]]], row_length: int) -
     return cu, longest
 
 
+def _device_cu_seqlens(segments_per_row, row_length: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """``cu_seqlens`` on the device, made once per forward: every layer gets the same segments list
+    (``row_segments``' cache), so the copy is reused while that list is."""
+    global _CU
+    segs, length, where, cu, longest = _CU
+    if segs is not segments_per_row or length != row_length or where != device:
+        cu, longest = cu_seqlens(segments_per_row, row_length)
+        # from host memory, asynchronously: a blocking copy would wait for every kernel already queued
+        cu = torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True)
+        _CU = (segments_per_row, row_length, device, cu, longest)
+    return cu, longest
+
+
+_CU: tuple = (None, -1, None, None, 0)
+
+
 def varlen_forward(kernel: VarlenKernel, query, key, value, segments_per_row, scaling=None) -> torch.Tensor:
     """Every example of every row in one kernel call: query (B, H, T, D), key and value (B, H_kv, T, D) as
     (B*T, heads, D) token-major (the layout the projections made: transformers transposed it to heads-major
     for attention), returned as (B, T, H, D)."""
     b, h, t, d = query.shape
     h_kv = key.shape[1]
-    cu, longest = cu_seqlens(segments_per_row, t)
-    # from host memory, asynchronously: a blocking copy would wait for every kernel already queued
-    cu = torch.tensor(cu, dtype=torch.int32).to(query.device, non_blocking=True)
+    cu, longest = _device_cu_seqlens(segments_per_row, t, query.device)
     q = query.transpose(1, 2).reshape(b * t, h, d)
     k, v = (x.transpose(1, 2).reshape(b * t, h_kv, d) for x in (key, value))
     gqa = {}

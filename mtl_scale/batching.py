@@ -347,7 +347,8 @@ def describe(cfg: RunConfig, hf_config=None, device: torch.device | str = "cpu")
     kernel = ""
     if cfg.model.attn_implementation == attention.NAME and hf_config is not None:
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        kernel = f" ({attention.packed_kernel(device, DTYPES[cfg.model.dtype], head_dim)})"
+        dropout = getattr(hf_config, "attention_dropout", 0.0)
+        kernel = f" ({attention.packed_kernel(device, DTYPES[cfg.model.dtype], head_dim, dropout)})"
     return (f"packed (<= {b.max_tokens} tokens per micro-batch, rows of <= {row_tokens(cfg)} balanced by "
             f"{balance}, {cfg.model.attn_implementation} attention{kernel} with position ids restarting per "
             f"example)")

@@ -173,11 +173,14 @@ def test_each_torch_release_of_varlen_attn_is_called_as_it_takes_causal_and_gqa(
     K = attention.VarlenKernel
     assert attention.kernel_from(first, has_backward=True) is None  # no scale: Gemma's would be wrong
     assert attention.kernel_from(scaled, has_backward=True) == K(scaled, {"is_causal": True}, False)
+    both = lambda query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, *, scale=None, \
+        window_size=(-1, -1): None  # noqa: E731 (where both exist, causal without a window is is_causal)
+    assert attention.kernel_from(both, has_backward=True).causal == {"is_causal": True}
     assert attention.kernel_from(windowed, has_backward=True) == K(windowed, {"window_size": (-1, 0)}, False)
     assert attention.kernel_from(gqa, has_backward=True) == K(gqa, {"window_size": (-1, 0)}, True)
     assert attention.kernel_from(gqa, has_backward=False) is None  # forward only: cannot train
     from torch.nn.attention import varlen  # this machine's torch: CUDA-only, but its signature is read
-    assert attention._torch_varlen() == attention.kernel_from(varlen.varlen_attn, True) is not None
+    assert attention.torch_varlen() == attention.kernel_from(varlen.varlen_attn, True) is not None
 
 
 def test_the_varlen_kernel_is_used_only_where_flash_runs():
@@ -194,6 +197,11 @@ def test_cu_seqlens_lay_the_rows_end_to_end():
     assert attention.cu_seqlens([[(0, 3), (3, 5)], [(0, 5)], [(0, 1), (1, 2), (2, 5)]], 5) == \
         ([0, 3, 5, 10, 11, 12, 15], 5)
     assert attention.cu_seqlens([[(0, 2), (2, 6)]], 6) == ([0, 2, 6], 4)
+    segs = [[(0, 2), (2, 6)]]  # the device copy: once per forward (every layer gets this same list)
+    cu, longest = attention._device_cu_seqlens(segs, 6, torch.device("cpu"))
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 2, 6] and longest == 4
+    assert attention._device_cu_seqlens(segs, 6, torch.device("cpu"))[0] is cu
+    assert attention._device_cu_seqlens([[(0, 2), (2, 6)]], 6, torch.device("cpu"))[0] is not cu  # a new forward
 
 
 def _reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
@@ -257,7 +265,7 @@ def test_the_flash_varlen_kernel_equals_one_sdpa_per_example_on_gpu():
         with pytest.MonkeyPatch.context() as mp, profile() as prof:
             if path == "per example":
                 mp.setattr(attention, "varlen_kernel", lambda *a, **kw: None)
-            o, _ = attention.sdpa_varlen_forward(None, q, k, v, None, scaling=0.125, position_ids=pos)
+            o, _ = attention.sdpa_varlen_forward(None, q, k, v, None, scaling=0.3, position_ids=pos)  # not 64**-0.5
             (o.float() * weight).sum().backward()
         names = {e.name for e in prof.events()}  # sdpa's flash backend runs flash too: the op's name tells
         assert any("_varlen_attn" in n for n in names) == (path == "kernel"), sorted(names)

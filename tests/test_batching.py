@@ -100,6 +100,12 @@ def test_loss_taken_in_the_model_equals_the_logits_path(tiny_model_dir):
         ref = token_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])[0]
         torch.testing.assert_close(losses[0], ref.detach())
         assert losses[0] > completion_tokens(batch)  # a sum (random tokens: nats each), not a mean
+        unlabelled = {**batch, "labels": torch.full_like(batch["labels"], IGNORE)}
+        unlabelled["loss_positions"] = loss_positions(unlabelled["labels"])
+        hook = base.lm_head.register_forward_hook(lambda _m, args, _out: projected.append(args[0].shape[1]))
+        assert float(summed_loss(model, unlabelled, True)) == 0  # no labels: the model sees no empty positions
+        hook.remove()  # (Liger's fused kernel divides by their count)
+        assert projected[-1] == batch["input_ids"].shape[1]
         for loss, g in zip(losses[1:], grads[1:]):
             torch.testing.assert_close(loss, losses[0], atol=1e-4, rtol=1e-6)
             for a, b in zip(grads[0], g):

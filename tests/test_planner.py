@@ -116,6 +116,35 @@ def _autograd_saved_bytes(layers: int, dtype, attn: str, dropout: float = 0.0, c
     return sum(saved.values())
 
 
+def _gqa_shape() -> model_shape.ModelShape:
+    """The shape _autograd_saved_bytes builds: hidden 128, 4 heads, 2 KV heads of 32."""
+    linears = {"self_attn.q_proj": (128, 128), "self_attn.k_proj": (128, 64), "self_attn.v_proj": (128, 64),
+               "self_attn.o_proj": (128, 128), "mlp.gate_proj": (128, 352), "mlp.up_proj": (128, 352),
+               "mlp.down_proj": (352, 128)}
+    return model_shape.ModelShape("test", "LlamaForCausalLM", 0, 300, 128, 352, 2, 4, 2, 32,
+                                  {f"model.layers.0.{n}": io for n, io in linears.items()}, "lm_head", ("x", 1), {})
+
+
+def test_sdpa_varlen_on_a_gpu_plans_what_the_varlen_kernel_saves(monkeypatch):
+    """On a GPU in bf16 sdpa_varlen runs torch's flash varlen kernel (mtl_scale/attention.py): sdpa's saved
+    tensors, plus the KV heads repeated (2 x (128 - 64) more per token and layer, in 2 bytes) where the
+    installed torch's varlen_attn takes no enable_gqa; elsewhere the loop's per-example outputs (128 x 2)."""
+    from mtl_scale import attention
+    shape = _gqa_shape()
+
+    def layer(attn, device):
+        inp = planner.PlanInputs(model="test", dtype="bf16", attn_implementation=attn, adapter_ranks=[8],
+                                 padded=False, seq_len=40, device=device, zero_stage=2)
+        return planner.activation_bytes_per_token(shape, inp, model_shape.lora_targets(shape, inp.lora_targets))["layer"]
+    assert layer("sdpa_varlen", "cpu") - layer("sdpa", "cpu") == 2 * 128
+    assert attention.torch_varlen().gqa  # this machine's torch 2.13
+    assert layer("sdpa_varlen", "cuda") == layer("sdpa", "cuda")
+    monkeypatch.setattr(attention, "torch_varlen", lambda: attention.VarlenKernel(None, {"window_size": (-1, 0)}, False))
+    assert layer("sdpa_varlen", "cuda") - layer("sdpa", "cuda") == 2 * 2 * (128 - 64)
+    monkeypatch.setattr(attention, "torch_varlen", lambda: None)  # a torch without the kernel: the loop
+    assert layer("sdpa_varlen", "cuda") - layer("sdpa", "cuda") == 2 * 128
+
+
 @pytest.mark.parametrize("dtype,attn,dropout,checkpointing,zero3", [
     (torch.float32, "sdpa", 0.0, False, False), (torch.bfloat16, "sdpa", 0.0, False, False),
     (torch.float32, "eager", 0.0, False, False), (torch.bfloat16, "eager", 0.0, False, False),
@@ -130,11 +159,7 @@ def test_activation_formula_equals_what_autograd_saves_per_layer(dtype, attn, dr
     b, s = 3, 40
     args = (dtype, attn, dropout, checkpointing, zero3)
     measured = _autograd_saved_bytes(3, *args) - _autograd_saved_bytes(2, *args)
-    linears = {"self_attn.q_proj": (128, 128), "self_attn.k_proj": (128, 64), "self_attn.v_proj": (128, 64),
-               "self_attn.o_proj": (128, 128), "mlp.gate_proj": (128, 352), "mlp.up_proj": (128, 352),
-               "mlp.down_proj": (352, 128)}
-    shape = model_shape.ModelShape("test", "LlamaForCausalLM", 0, 300, 128, 352, 2, 4, 2, 32,
-                                   {f"model.layers.0.{n}": io for n, io in linears.items()}, "lm_head", ("x", 1), {})
+    shape = _gqa_shape()
     inp = planner.PlanInputs(model="test", dtype="fp32" if dtype == torch.float32 else "bf16", attn_implementation=attn,
                              lora_dropout=dropout, adapter_ranks=[8], padded=False, seq_len=s, device="cpu",
                              zero_stage=3 if zero3 else 2)

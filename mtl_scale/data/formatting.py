@@ -251,7 +251,7 @@ def summed_loss(model, batch: dict[str, torch.Tensor], in_model: bool = False) -
     with ``lm_head`` then skips the prompts too. Else the loss is taken here, from the logits.
     """
     at = batch.get("loss_positions")
-    if in_model and at is None:
+    if in_model and (at is None or not at.numel()):  # none labelled: Liger's chunking divides by the count
         return model(**model_inputs(batch), labels=batch["labels"], num_items_in_batch=1).loss
     if in_model:  # labels too: transformers' forward takes a loss only when it is given labels
         return model(**model_inputs(batch), labels=batch["labels"], shift_labels=batch["labels"][:, at + 1],

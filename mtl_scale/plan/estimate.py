@@ -301,9 +301,7 @@ def activation_bytes_per_token(shape: ModelShape, inp: PlanInputs,
         repeat = inp.attn_implementation in ("sdpa", "sdpa_varlen") and inp.padded and kv != h
         attn = p * (2 * h + 2 * (h if repeat else kv)) + 4 * n
         if inp.attn_implementation == "sdpa_varlen" and not inp.padded:
-            # the per-example outputs sdpa saves, besides their concatenation o_proj saves (on a GPU the
-            # varlen kernel saves one output, but KV heads repeated where torch lacks enable_gqa: ~the same)
-            attn += p * h
+            attn += _varlen_extra(inp, h, kv, p)
     mlp = 3 * p * i
     targets, lp, wrap = _layer0(targets), lora_dtype_bytes(inp), built_under_zero_init(inp)
     # Inputs of Linear layers, each saved once however many layers read it (q, k, v share theirs)
@@ -325,6 +323,18 @@ def activation_bytes_per_token(shape: ModelShape, inp: PlanInputs,
     if inp.padded and inp.attn_implementation != "flash_attention_2":
         once += s * (1 if inp.attn_implementation in ("sdpa", "sdpa_varlen") else p)  # the b x s x s mask, per token
     return {"layer": layer, "once": once, "checkpoint": p * h, "backward_layer": 8 * i}
+
+
+def _varlen_extra(inp: PlanInputs, h: int, kv: int, p: int) -> int:
+    """sdpa_varlen on packed rows, bytes per token beyond sdpa's: on a GPU in bf16/fp16, this torch's flash
+    varlen kernel (mtl_scale/attention.py) saves what sdpa does, with the KV heads repeated where its
+    ``varlen_attn`` takes no ``enable_gqa``; else the loop's per-example outputs, which sdpa saves besides
+    their concatenation (o_proj's input)."""
+    from mtl_scale import attention
+    kernel = attention.torch_varlen() if inp.device == "cuda" and inp.dtype != "fp32" else None
+    if kernel is None:
+        return p * h
+    return 0 if kernel.gqa else 2 * p * (h - kv)
 
 
 def estimate(shape: ModelShape, inp: PlanInputs) -> Plan:
