@@ -74,10 +74,14 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
             or kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, position_ids=position_ids, **kwargs)
-    segs_per_row = row_segments(position_ids, query.shape[0])
     kernel = varlen_kernel(query.device, query.dtype, query.shape[-1], dropout)
+    if kernel is not None and kwargs.get("cu_seq_lens_q") is not None:  # the engine's (varlen_kwargs): no sync
+        return varlen_forward(kernel, query, key, value, kwargs["cu_seq_lens_q"], kwargs["max_length_q"],
+                              scaling), None
+    segs_per_row = row_segments(position_ids, query.shape[0])
     if kernel is not None:
-        return varlen_forward(kernel, query, key, value, segs_per_row, scaling), None
+        cu, longest = _device_cu_seqlens(segs_per_row, query.shape[2], query.device)
+        return varlen_forward(kernel, query, key, value, cu, longest, scaling), None
     gqa = query.shape[1] != key.shape[1]
     rows = []
     # unbind and split, not slices: a slice's backward writes its gradient into a zero tensor of the
@@ -185,13 +189,14 @@ def _device_cu_seqlens(segments_per_row, row_length: int, device: torch.device) 
 _CU: tuple = (None, -1, None, None, 0)
 
 
-def varlen_forward(kernel: VarlenKernel, query, key, value, segments_per_row, scaling=None) -> torch.Tensor:
+def varlen_forward(kernel: VarlenKernel, query, key, value, cu: torch.Tensor, longest: int,
+                   scaling=None) -> torch.Tensor:
     """Every example of every row in one kernel call: query (B, H, T, D), key and value (B, H_kv, T, D) as
     (B*T, heads, D) token-major (the layout the projections made: transformers transposed it to heads-major
-    for attention), returned as (B, T, H, D)."""
+    for attention), returned as (B, T, H, D). ``cu``: the examples' bounds in the rows laid end to end
+    (``cu_seqlens``, int32, on the device), ``longest`` the longest example."""
     b, h, t, d = query.shape
     h_kv = key.shape[1]
-    cu, longest = _device_cu_seqlens(segments_per_row, t, query.device)
     q = query.transpose(1, 2).reshape(b * t, h, d)
     k, v = (x.transpose(1, 2).reshape(b * t, h_kv, d) for x in (key, value))
     gqa = {}
@@ -201,6 +206,20 @@ def varlen_forward(kernel: VarlenKernel, query, key, value, segments_per_row, sc
         k, v = (x.repeat_interleave(h // h_kv, dim=1) for x in (k, v))
     out = kernel.fn(q, k, v, cu, cu, longest, longest, scale=scaling, **kernel.causal, **gqa)
     return out.view(b, t, h, d)
+
+
+def varlen_kwargs(position_ids: torch.Tensor) -> dict:
+    """transformers' flash-attention kwargs for a packed micro-batch, from its position ids on the host: each
+    example's bounds in the rows laid end to end (int32) and the longest example.
+
+    Given to the model, flash_attention_2 and sdpa_varlen's kernel take the example boundaries from them.
+    Without them transformers derives the boundaries from the position ids on the device in every layer
+    (a ``nonzero`` and a ``max``: host syncs), and only for a single row: with several rows it looks for no
+    packed sequences at all (``modeling_flash_attention_utils._is_packed_sequence`` needs batch size 1), so
+    flash attention would run causal over each whole row, across its examples."""
+    cu, longest = cu_seqlens([segments(row) for row in position_ids.tolist()], position_ids.shape[1])
+    cu = torch.tensor(cu, dtype=torch.int32)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, local_size=None,

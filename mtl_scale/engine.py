@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from mtl_scale import attention
 from mtl_scale import surgery as surgery_math
 from mtl_scale.data.formatting import completion_tokens, example_count, loss_positions, real_tokens, summed_loss
 
@@ -74,7 +75,7 @@ class StepStats:
 def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], loss_scale: dict[str, float],
                    surgery: Surgery | None = None, coupling: Coupling | None = None, step: int = 0,
                    absent: Sequence[torch.nn.Parameter] = (), loss_in_model: bool = False,
-                   logits_at_labels: bool = False) -> StepStats:
+                   logits_at_labels: bool = False, varlen_inputs: bool = False) -> StepStats:
     """Run the step's micro-batches (forward, backward), take per-task gradient shards, apply
     surgery, then let the last ``engine.step()`` update the parameters.
 
@@ -83,7 +84,9 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], 
     ``keep_unchanged``). ``loss_in_model``: the model computes the summed loss from the labels
     (Liger's fused linear cross-entropy, ``formatting.summed_loss``). ``logits_at_labels``: the model
     projects to the vocabulary (or the fused loss multiplies by lm_head) only where a label follows
-    (``formatting.loss_positions``; the model must take ``logits_to_keep``).
+    (``formatting.loss_positions``; the model must take ``logits_to_keep``). ``varlen_inputs``: packed
+    micro-batches carry their examples' boundaries for attention per example (``attention.varlen_kwargs``:
+    flash_attention_2, sdpa_varlen; the model must pass keyword arguments on to its attention).
 
     Every rank must call this with the same tasks and micro-batch counts in the same order: ZeRO-3
     gathers parameters and reduce-scatters gradients collectively at each micro-step.
@@ -105,7 +108,9 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], 
             stats.examples[task] = stats.examples.get(task, 0) + example_count(batch)
             if logits_at_labels:
                 batch = {**batch, "loss_positions": loss_positions(batch["labels"])}
-            batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+            if varlen_inputs and "position_ids" in batch:
+                batch = {**batch, **attention.varlen_kwargs(batch["position_ids"])}
+            batch = {k: v.to(engine.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             loss_sum = summed_loss(engine, batch, loss_in_model)  # padded: attention_mask; packed: position_ids
             engine.backward(loss_sum * loss_scale[task])
             loss_sums[task] = loss_sums.get(task, 0.0) + loss_sum.detach()

@@ -22,7 +22,7 @@ import yaml
 from mtl_scale import adapters, batching, checkpoint, kernels, shared_fs, stage_choice, zero3_adapters
 from mtl_scale.balancing import DEFAULT_ETA, Balancer, BalancerConfig, reference_losses
 from mtl_scale.config import RunConfig, to_dict
-from mtl_scale.data.formatting import completion_tokens, takes_logits_to_keep
+from mtl_scale.data.formatting import completion_tokens, passes_keywords, takes_logits_to_keep
 from mtl_scale.data.prepare import TaskData, data_summary, prepare_tasks
 from mtl_scale.ds_config import build_ds_config, gradient_accumulation_steps, zero_stage
 from mtl_scale.engine import Coupling, StepStats, Surgery, optimizer_step
@@ -275,7 +275,8 @@ def train_step(run: Run, step: int, activate: Callable[[str], None] | None = Non
     stats = optimizer_step(run.engine, groups, activate or activator(run), step_loss_scales(run, groups),
                            run.surgery, run.coupling, step=step, absent=absent_parameters(run, groups),
                            loss_in_model=run.cfg.model.liger_kernels,
-                           logits_at_labels=takes_logits_to_keep(run.model))
+                           logits_at_labels=takes_logits_to_keep(run.model),
+                           varlen_inputs=batching.per_example_attention(run.cfg) and passes_keywords(run.model))
     return groups, stats
 
 

@@ -217,11 +217,20 @@ def _reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, 
         enable_gqa=enable_gqa)[0].transpose(0, 1) for s, e in zip(bounds, bounds[1:])])
 
 
+def test_varlen_kwargs_give_each_packed_example_its_bounds_in_the_rows_end_to_end():
+    pos = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]])  # the second row ends in one padding position
+    kw = attention.varlen_kwargs(pos)
+    assert kw["cu_seq_lens_q"].dtype == torch.int32 and kw["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 10]
+    assert kw["cu_seq_lens_k"] is kw["cu_seq_lens_q"] and kw["max_length_q"] == kw["max_length_k"] == 4
+    batch = {"input_ids": pos, "position_ids": pos, **kw}
+    assert model_inputs(batch) == {"input_ids": pos, "position_ids": pos, "use_cache": False, **kw}
+
+
 @pytest.mark.parametrize("release", ["windowed", "gqa"])
 def test_one_varlen_call_equals_one_sdpa_per_example(release):
     """The layout around the kernel: heads-major in, tokens of all rows end to end, KV heads repeated where
     the release takes no enable_gqa, (B, T, H, D) out; values and gradients, GQA (2 KV heads for 4), a
-    scale that is not the head size's."""
+    scale that is not the head size's; the bounds read from the position ids or given by the engine."""
     fn = dict(zip(["first", "scaled", "windowed", "gqa"], _releases()))[release]
     kernel = attention.kernel_from(fn, True)
     kernel = attention.VarlenKernel(_reference_varlen_attn, kernel.causal, kernel.gqa)
@@ -231,18 +240,20 @@ def test_one_varlen_call_equals_one_sdpa_per_example(release):
     pos = torch.tensor([list(range(10)) + list(range(6)) + list(range(8)),
                         list(range(3)) + list(range(21))])
     out = {}
-    for path, use in (("kernel", kernel), ("per example", None)):
+    for path, use, given in (("kernel", kernel, {}), ("kernel, bounds given", kernel, attention.varlen_kwargs(pos)),
+                             ("per example", None, {})):
         for x in (q, k, v):
             x.grad = None
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(attention, "varlen_kernel", lambda *a, **kw: use)
-            o, _ = attention.sdpa_varlen_forward(None, q, k, v, None, scaling=0.3, position_ids=pos)
+            o, _ = attention.sdpa_varlen_forward(None, q, k, v, None, scaling=0.3, position_ids=pos, **given)
         (o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum().backward()
         out[path] = o.detach(), [x.grad.clone() for x in (q, k, v)]
     assert out["kernel"][0].shape == (2, 24, 4, 8)
-    torch.testing.assert_close(out["kernel"][0], out["per example"][0])
-    for a, b in zip(out["kernel"][1], out["per example"][1]):
-        torch.testing.assert_close(a, b)
+    for path in ("kernel", "kernel, bounds given"):
+        torch.testing.assert_close(out[path][0], out["per example"][0])
+        for a, b in zip(out[path][1], out["per example"][1]):
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or attention.varlen_kernel("cuda", torch.bfloat16, 64) is None,
@@ -273,3 +284,52 @@ def test_the_flash_varlen_kernel_equals_one_sdpa_per_example_on_gpu():
     torch.testing.assert_close(out["kernel"][0], out["per example"][0], atol=2e-2, rtol=2e-2)
     for a, b in zip(out["kernel"][1], out["per example"][1]):
         torch.testing.assert_close(a, b, atol=2e-2 * float(b.abs().max()), rtol=2e-2)
+
+
+def _reference_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                      softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                      deterministic=False):
+    """flash-attn's flash_attn_varlen_func as documented, on any device: (total, H, D) tokens, cu_seqlens."""
+    assert causal and not dropout_p and not softcap and window_size == (-1, -1)
+    return _reference_varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_q, max_seqlen_q, max_seqlen_k, is_causal=True,
+                                  scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _reference_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                               softcap=0.0, deterministic=False):
+    """flash-attn's flash_attn_func: (B, T, H, D), causal over each whole row."""
+    assert causal and not dropout_p
+    return torch.nn.functional.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in (q, k, v)), is_causal=True, scale=softmax_scale,
+        enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+
+
+def test_flash_attention_2_packed_rows_attend_per_example_with_the_engines_bounds(monkeypatch):
+    """transformers' flash_attention_2 path (its own code; flash-attn's two functions replaced by references
+    of what they compute, since the package is CUDA-only) on a packed micro-batch of several rows: from the
+    position ids alone it looks for packed examples in a single row only, so attention crosses examples;
+    with the engine's varlen_kwargs the logits and every gradient are sdpa's block-diagonal ones."""
+    from transformers import modeling_flash_attention_utils as fa_utils
+    monkeypatch.setattr(fa_utils, "_lazy_imports", lambda *a, **kw: (
+        _reference_flash_attn_func, _reference_flash_attn_varlen_func, None, fa_utils._pad_input, fa_utils._unpad_input))
+    monkeypatch.setattr(fa_utils, "_loaded_implementation", None)
+    models = _models(_gqa_config())
+    flash = models.pop(attention.NAME)
+    flash.load_state_dict(models["sdpa"].state_dict())
+    flash.config._attn_implementation = "flash_attention_2"
+    batch = batching.collate_packed(token_examples([7, 12, 5, 9, 16, 3, 11, 40, 1, 60]), pad_id=0, row_tokens=64)
+    assert batch["input_ids"].shape[0] > 1
+    real = batch["token_mask"].bool()
+    out = {}
+    for name, model, inputs in (("sdpa", models["sdpa"], batch), ("flash", flash, batch),
+                                ("flash, bounds given", flash, {**batch, **attention.varlen_kwargs(batch["position_ids"])})):
+        model.zero_grad()
+        logits = model(**model_inputs(inputs)).logits
+        token_loss_sum(logits, batch["labels"])[0].backward()
+        out[name] = logits.detach()[real], {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert not torch.allclose(out["flash"][0], out["sdpa"][0], atol=1e-3)  # today's: across examples
+    torch.testing.assert_close(out["flash, bounds given"][0], out["sdpa"][0], atol=1e-5, rtol=1e-5)
+    for name, g in out["flash, bounds given"][1].items():
+        ref = out["sdpa"][1][name]
+        torch.testing.assert_close(g, ref, atol=1e-6 * float(ref.abs().max()) + 1e-7, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")

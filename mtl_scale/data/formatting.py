@@ -202,14 +202,20 @@ def example_count(batch: dict[str, torch.Tensor]) -> int:
     return int(((batch["position_ids"] == 0) & (batch["token_mask"] == 1)).sum())
 
 
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+"""transformers' FlashAttentionKwargs: packed examples' boundaries (``attention.varlen_kwargs``)."""
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the model's forward takes from a micro-batch. A packed one has position_ids and no
     attention_mask, and ``use_cache=False``: transformers looks for packed sequences only when there is
     no cache (masking_utils._preprocess_mask_arguments), and a Llama with config.use_cache makes one even
     in training, which would silently give each row one causal mask across its examples (load_model turns
-    config.use_cache off; the packed path does not rely on it)."""
+    config.use_cache off; the packed path does not rely on it). With the example boundaries the engine
+    adds for attention per example (``attention.varlen_kwargs``), those too."""
     if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False,
+                **{k: batch[k] for k in VARLEN_KEYS if k in batch}}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
@@ -226,6 +232,13 @@ def takes_logits_to_keep(model) -> bool:
     raise, or keep the wrong positions); both get the full logits."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return _takes_index_tensor(type(base))
+
+
+def passes_keywords(model) -> bool:
+    """Whether the causal LM under ``model`` passes extra keyword arguments on (``**kwargs``, as every
+    transformers 5 model does, down to its attention): the engine's ``varlen_kwargs`` reach attention then."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(type(base).forward).parameters.values())
 
 
 @functools.cache
