@@ -269,21 +269,24 @@ def test_the_flash_varlen_kernel_equals_one_sdpa_per_example_on_gpu():
     pos = torch.tensor([list(range(100)) + list(range(56)) + list(range(100)),
                         list(range(30)) + list(range(200)) + list(range(26))], device="cuda")
     weight = torch.linspace(-1, 1, 2 * 256 * 8 * 64, device="cuda").view(2, 256, 8, 64)
+    given = {name: x.cuda() if torch.is_tensor(x) else x for name, x in attention.varlen_kwargs(pos.cpu()).items()}
     out = {}
-    for path in ("kernel", "per example"):
+    for path, kwargs in (("kernel", {}), ("kernel, bounds given", given), ("per example", {})):
         for x in (q, k, v):
             x.grad = None
         with pytest.MonkeyPatch.context() as mp, profile() as prof:
             if path == "per example":
                 mp.setattr(attention, "varlen_kernel", lambda *a, **kw: None)
-            o, _ = attention.sdpa_varlen_forward(None, q, k, v, None, scaling=0.3, position_ids=pos)  # not 64**-0.5
+            o, _ = attention.sdpa_varlen_forward(None, q, k, v, None, scaling=0.3, position_ids=pos,  # not 64**-0.5
+                                                 **kwargs)
             (o.float() * weight).sum().backward()
         names = {e.name for e in prof.events()}  # sdpa's flash backend runs flash too: the op's name tells
-        assert any("_varlen_attn" in n for n in names) == (path == "kernel"), sorted(names)
+        assert any("_varlen_attn" in n for n in names) == (path != "per example"), sorted(names)
         out[path] = o.detach().float(), [x.grad.float() for x in (q, k, v)]
-    torch.testing.assert_close(out["kernel"][0], out["per example"][0], atol=2e-2, rtol=2e-2)
-    for a, b in zip(out["kernel"][1], out["per example"][1]):
-        torch.testing.assert_close(a, b, atol=2e-2 * float(b.abs().max()), rtol=2e-2)
+    for path in ("kernel", "kernel, bounds given"):
+        torch.testing.assert_close(out[path][0], out["per example"][0], atol=2e-2, rtol=2e-2)
+        for a, b in zip(out[path][1], out["per example"][1]):
+            torch.testing.assert_close(a, b, atol=2e-2 * float(b.abs().max()), rtol=2e-2)
 
 
 def _reference_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
