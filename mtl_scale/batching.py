@@ -247,10 +247,10 @@ def collate_packed(examples: list[tuple[list[int], list[int]]], pad_id: int, row
 
     Each example gets position ids 0..n-1: transformers derives from restarting position ids, when no
     attention_mask is given, a block-diagonal causal mask (sdpa, eager, flex), so attention never crosses
-    examples; flash_attention_2 and sdpa_varlen get the boundaries from the engine (``attention.varlen_kwargs``:
-    transformers' flash path finds packed examples by itself in a single row only). Each example's first label is masked, so
-    the previous example's last token predicts nothing across the boundary (its own first token is
-    never predicted anyway). Right padding of the shorter rows is a sequence of its own, unlabelled;
+    examples; flash_attention_2 and sdpa_varlen get the boundaries from the engine
+    (``attention.varlen_kwargs``: transformers' flash path finds packed examples by itself in a single row
+    only). Each example's first label is masked, so the previous example's last token predicts nothing
+    across the boundary (its own first token is never predicted anyway). Right padding of the shorter rows is a sequence of its own, unlabelled;
     ``token_mask`` marks the real tokens (it is bookkeeping, not a model input).
     """
     rows = rows_for([len(ids) for ids, _ in examples], row_tokens)

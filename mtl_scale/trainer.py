@@ -171,7 +171,8 @@ def setup(cfg: RunConfig, model_loader: Callable | None = None) -> Run:
     if rank == 0:
         log.info("world %d, ZeRO stage %d, sharing=%s, adapters %s, trainable parameters %d, batching %s",
                  world, zero_stage(ds_config), cfg.sharing, adapters.adapter_names(cfg.sharing, list(tasks)),
-                 sum(getattr(p, "ds_numel", p.numel()) for p in trainable), batching.describe(cfg, model.config, engine.device))
+                 sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
+                 batching.describe(cfg, model.config, engine.device))
     return Run(cfg, rank, world, model_path, tokenizer, tasks, model, engine, sampler, ds_config, hf_ds_config,
                surgery=surgery, coupling=coupling, balancer=balancer, resume_from=resume_from)
 

@@ -314,7 +314,8 @@ def test_flash_attention_2_packed_rows_attend_per_example_with_the_engines_bound
     with the engine's varlen_kwargs the logits and every gradient are sdpa's block-diagonal ones."""
     from transformers import modeling_flash_attention_utils as fa_utils
     monkeypatch.setattr(fa_utils, "_lazy_imports", lambda *a, **kw: (
-        _reference_flash_attn_func, _reference_flash_attn_varlen_func, None, fa_utils._pad_input, fa_utils._unpad_input))
+        _reference_flash_attn_func, _reference_flash_attn_varlen_func, None, fa_utils._pad_input,
+        fa_utils._unpad_input))
     monkeypatch.setattr(fa_utils, "_loaded_implementation", None)
     models = _models(_gqa_config())
     flash = models.pop(attention.NAME)

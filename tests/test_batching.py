@@ -371,7 +371,7 @@ def test_only_models_that_take_logits_to_keep_get_loss_positions(tiny_model_dir)
     model whose forward has none, or takes only an int, is given the full logits instead."""
     import peft
     from transformers import AutoModelForCausalLM
-    from mtl_scale.data.formatting import takes_logits_to_keep
+    from mtl_scale.data.formatting import passes_keywords, takes_logits_to_keep
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert takes_logits_to_keep(base)
     assert takes_logits_to_keep(peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"])))
@@ -384,3 +384,6 @@ def test_only_models_that_take_logits_to_keep_get_loss_positions(tiny_model_dir)
         def forward(self, input_ids, logits_to_keep: int = 0):
             raise AssertionError("not called")
     assert not takes_logits_to_keep(OldStyle()) and not takes_logits_to_keep(SlicesWithAnInt())
+    # the engine's varlen_kwargs go only to a model that passes keyword arguments on to its attention
+    assert passes_keywords(base) and passes_keywords(peft.get_peft_model(base, peft.LoraConfig(target_modules=["v_proj"])))
+    assert not passes_keywords(OldStyle())

@@ -238,7 +238,8 @@ def passes_keywords(model) -> bool:
     """Whether the causal LM under ``model`` passes extra keyword arguments on (``**kwargs``, as every
     transformers 5 model does, down to its attention): the engine's ``varlen_kwargs`` reach attention then."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(type(base).forward).parameters.values())
+    params = inspect.signature(type(base).forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 @functools.cache
