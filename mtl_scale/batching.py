@@ -26,8 +26,9 @@ import torch
 
 from mtl_scale import attention
 from mtl_scale.config import RunConfig
-from mtl_scale.data.formatting import IGNORE, real_tokens
+from mtl_scale.data.formatting import IGNORE, passes_keywords, real_tokens
 from mtl_scale.data.formatting import collate as collate_padded
+from mtl_scale.errors import UserError
 from mtl_scale.model import DTYPES
 
 GROUP_WINDOW_BATCHES = 50
@@ -250,8 +251,9 @@ def collate_packed(examples: list[tuple[list[int], list[int]]], pad_id: int, row
     examples; flash_attention_2 and sdpa_varlen get the boundaries from the engine
     (``attention.varlen_kwargs``: transformers' flash path finds packed examples by itself in a single row
     only). Each example's first label is masked, so the previous example's last token predicts nothing
-    across the boundary (its own first token is never predicted anyway). Right padding of the shorter rows is a sequence of its own, unlabelled;
-    ``token_mask`` marks the real tokens (it is bookkeeping, not a model input).
+    across the boundary (its own first token is never predicted anyway). Right padding of the shorter rows
+    is a sequence of its own, unlabelled; ``token_mask`` marks the real tokens (bookkeeping, not a model
+    input).
     """
     rows = rows_for([len(ids) for ids, _ in examples], row_tokens)
     width = max(sum(len(examples[k][0]) for k in row) for row in rows)
@@ -320,6 +322,19 @@ def compute_balance(cfg: RunConfig, hf_config) -> float:
 def per_example_attention(cfg: RunConfig) -> bool:
     """Whether the attention implementation computes each packed example on its own (varlen), not the row."""
     return cfg.model.attn_implementation in ("flash_attention_2", attention.NAME)
+
+
+def check_flash_rows(cfg: RunConfig, model) -> None:
+    """Refuse packed micro-batches of several rows under flash_attention_2 for a model that cannot be given
+    the examples' bounds (its forward takes no ``**kwargs``, so ``attention.varlen_kwargs`` cannot reach its
+    attention): transformers' flash path finds packed examples itself only in a single row, and would
+    attend across examples in each of several."""
+    if (cfg.batching.mode == "packed" and cfg.model.attn_implementation == "flash_attention_2"
+            and row_tokens(cfg) < cfg.batching.max_tokens and not passes_keywords(model)):
+        raise UserError(f"batching.row_tokens={row_tokens(cfg)} puts several packed rows in a micro-batch of "
+                        f"batching.max_tokens={cfg.batching.max_tokens}, and {type(model).__name__}'s forward "
+                        "takes no **kwargs, so flash_attention_2 cannot be given where its examples end: set "
+                        "batching.row_tokens to 0 (one row of max_tokens) or use sdpa")
 
 
 def largest_micro_batch(cfg: RunConfig) -> tuple[int, int]:

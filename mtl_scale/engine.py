@@ -110,7 +110,7 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], 
                 batch = {**batch, "loss_positions": loss_positions(batch["labels"])}
             if varlen_inputs and "position_ids" in batch:
                 batch = {**batch, **attention.varlen_kwargs(batch["position_ids"])}
-            batch = {k: v.to(engine.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(batch, engine.device)
             loss_sum = summed_loss(engine, batch, loss_in_model)  # padded: attention_mask; packed: position_ids
             engine.backward(loss_sum * loss_scale[task])
             loss_sums[task] = loss_sums.get(task, 0.0) + loss_sum.detach()
@@ -129,6 +129,20 @@ def optimizer_step(engine, groups: StepGroups, activate: Callable[[str], None], 
         engine.step()  # the accumulation boundary: clip, optimizer update, zero grads
     stats.loss_sum = {t: float(v) for t, v in loss_sums.items()}
     return stats
+
+
+def to_device(batch: dict, device) -> dict:
+    """The micro-batch's tensors on ``device`` (each tensor once: varlen_kwargs' q and k bounds are one),
+    its other values (varlen_kwargs' lengths) as they are."""
+    moved: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            if id(v) not in moved:
+                moved[id(v)] = v.to(device, non_blocking=True)
+            v = moved[id(v)]
+        out[k] = v
+    return out
 
 
 def apply_surgery(surgery: Surgery, tasks: list[str], cumulative_shards: list[torch.Tensor],

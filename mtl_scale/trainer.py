@@ -143,6 +143,7 @@ def setup(cfg: RunConfig, model_loader: Callable | None = None) -> Run:
     # Alive before from_pretrained: transformers then builds the model inside zero.Init, partitioned.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     model = (model_loader or load_model)(cfg.model, model_path)
+    batching.check_flash_rows(cfg, model)
     names = adapters.adapter_names(cfg.sharing, list(tasks))
     model = adapters.attach_adapters(model, cfg.lora, names, cfg.seed,
                                      task_r=cfg.hybrid.task_r if cfg.sharing == "hybrid" else None)

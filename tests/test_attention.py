@@ -207,7 +207,7 @@ def test_cu_seqlens_lay_the_rows_end_to_end():
 def _reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
                            window_size=(-1, -1), is_causal=False, enable_gqa=False):
     """What torch's varlen_attn computes (its docstring), on any device: (T, H, D) tokens, cu_seqlens."""
-    assert cu_seq_q is cu_seq_k and cu_seq_q.dtype == torch.int32 and max_q == max_k
+    assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32 and max_q == max_k
     bounds = cu_seq_q.tolist()
     assert max_q == max(e - s for s, e in zip(bounds, bounds[1:]))
     causal = window_size == (-1, 0) or is_causal
@@ -224,6 +224,10 @@ def test_varlen_kwargs_give_each_packed_example_its_bounds_in_the_rows_end_to_en
     assert kw["cu_seq_lens_k"] is kw["cu_seq_lens_q"] and kw["max_length_q"] == kw["max_length_k"] == 4
     batch = {"input_ids": pos, "position_ids": pos, **kw}
     assert model_inputs(batch) == {"input_ids": pos, "position_ids": pos, "use_cache": False, **kw}
+    from mtl_scale.engine import to_device
+    moved = to_device(batch, "meta")  # the engine's move: each tensor once, the lengths as they are
+    assert moved["cu_seq_lens_q"] is moved["cu_seq_lens_k"] and moved["cu_seq_lens_q"].is_meta
+    assert moved["max_length_q"] == 4 and moved["input_ids"].is_meta
 
 
 @pytest.mark.parametrize("release", ["windowed", "gqa"])
@@ -294,7 +298,7 @@ def _reference_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_s
                                       deterministic=False):
     """flash-attn's flash_attn_varlen_func as documented, on any device: (total, H, D) tokens, cu_seqlens."""
     assert causal and not dropout_p and not softcap and window_size == (-1, -1)
-    return _reference_varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_q, max_seqlen_q, max_seqlen_k, is_causal=True,
+    return _reference_varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal=True,
                                   scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -313,10 +317,10 @@ def test_flash_attention_2_packed_rows_attend_per_example_with_the_engines_bound
     position ids alone it looks for packed examples in a single row only, so attention crosses examples;
     with the engine's varlen_kwargs the logits and every gradient are sdpa's block-diagonal ones."""
     from transformers import modeling_flash_attention_utils as fa_utils
-    monkeypatch.setattr(fa_utils, "_lazy_imports", lambda *a, **kw: (
-        _reference_flash_attn_func, _reference_flash_attn_varlen_func, None, fa_utils._pad_input,
-        fa_utils._unpad_input))
-    monkeypatch.setattr(fa_utils, "_loaded_implementation", None)
+    # what lazy_import_flash_attention returns, built from the references (its module globals untouched)
+    loaded = ((_reference_flash_attn_func, _reference_flash_attn_varlen_func, None, fa_utils._pad_input,
+               fa_utils._unpad_input), (fa_utils._lazy_define_process_function(_reference_flash_attn_varlen_func), dict))
+    monkeypatch.setattr(fa_utils, "lazy_import_flash_attention", lambda *a, **kw: loaded)
     models = _models(_gqa_config())
     flash = models.pop(attention.NAME)
     flash.load_state_dict(models["sdpa"].state_dict())
@@ -325,8 +329,9 @@ def test_flash_attention_2_packed_rows_attend_per_example_with_the_engines_bound
     assert batch["input_ids"].shape[0] > 1
     real = batch["token_mask"].bool()
     out = {}
+    given = {**batch, **attention.varlen_kwargs(batch["position_ids"])}
     for name, model, inputs in (("sdpa", models["sdpa"], batch), ("flash", flash, batch),
-                                ("flash, bounds given", flash, {**batch, **attention.varlen_kwargs(batch["position_ids"])})):
+                                ("flash, bounds given", flash, given)):
         model.zero_grad()
         logits = model(**model_inputs(inputs)).logits
         token_loss_sum(logits, batch["labels"])[0].backward()

@@ -385,5 +385,14 @@ def test_only_models_that_take_logits_to_keep_get_loss_positions(tiny_model_dir)
             raise AssertionError("not called")
     assert not takes_logits_to_keep(OldStyle()) and not takes_logits_to_keep(SlicesWithAnInt())
     # the engine's varlen_kwargs go only to a model that passes keyword arguments on to its attention
-    assert passes_keywords(base) and passes_keywords(peft.get_peft_model(base, peft.LoraConfig(target_modules=["v_proj"])))
+    assert passes_keywords(base)
+    assert passes_keywords(peft.get_peft_model(base, peft.LoraConfig(target_modules=["v_proj"])))
     assert not passes_keywords(OldStyle())
+    from mtl_scale.errors import UserError
+    base_cfg = ["tasks=[{name: a, source: 'builtin:copy'}]", "max_seq_len=300", "batching.mode=packed",
+                "batching.max_tokens=1200", "model.attn_implementation=flash_attention_2"]
+    with pytest.raises(UserError, match=r"batching.row_tokens=300 puts several packed rows in a micro-batch of "
+                                        r"batching.max_tokens=1200, and OldStyle's forward takes no \*\*kwargs"):
+        batching.check_flash_rows(load_config(None, base_cfg + ["batching.row_tokens=300"]), OldStyle())
+    batching.check_flash_rows(load_config(None, base_cfg), OldStyle())  # one row: transformers finds them
+    batching.check_flash_rows(load_config(None, base_cfg + ["batching.row_tokens=300"]), base)  # given them

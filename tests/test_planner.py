@@ -135,11 +135,13 @@ def test_sdpa_varlen_on_a_gpu_plans_what_the_varlen_kernel_saves(monkeypatch):
     def layer(attn, device):
         inp = planner.PlanInputs(model="test", dtype="bf16", attn_implementation=attn, adapter_ranks=[8],
                                  padded=False, seq_len=40, device=device, zero_stage=2)
-        return planner.activation_bytes_per_token(shape, inp, model_shape.lora_targets(shape, inp.lora_targets))["layer"]
+        targets = model_shape.lora_targets(shape, inp.lora_targets)
+        return planner.activation_bytes_per_token(shape, inp, targets)["layer"]
     assert layer("sdpa_varlen", "cpu") - layer("sdpa", "cpu") == 2 * 128
     assert attention.torch_varlen().gqa  # this machine's torch 2.13
     assert layer("sdpa_varlen", "cuda") == layer("sdpa", "cuda")
-    monkeypatch.setattr(attention, "torch_varlen", lambda: attention.VarlenKernel(None, {"window_size": (-1, 0)}, False))
+    no_gqa = attention.VarlenKernel(None, {"window_size": (-1, 0)}, False)
+    monkeypatch.setattr(attention, "torch_varlen", lambda: no_gqa)
     assert layer("sdpa_varlen", "cuda") - layer("sdpa", "cuda") == 2 * 2 * (128 - 64)
     monkeypatch.setattr(attention, "torch_varlen", lambda: None)  # a torch without the kernel: the loop
     assert layer("sdpa_varlen", "cuda") - layer("sdpa", "cuda") == 2 * 128

@@ -238,8 +238,12 @@ def passes_keywords(model) -> bool:
     """Whether the causal LM under ``model`` passes extra keyword arguments on (``**kwargs``, as every
     transformers 5 model does, down to its attention): the engine's ``varlen_kwargs`` reach attention then."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(type(base).forward).parameters.values()
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return _takes_var_keywords(type(base))
+
+
+@functools.cache
+def _takes_var_keywords(cls: type) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.forward).parameters.values())
 
 
 @functools.cache
