@@ -94,6 +94,11 @@ def build_ds_config(cfg: RunConfig, world_size: int, hidden_size: int, lora_size
     if "optimizer" in ds:
         # Torch and DeepSpeed optimizers other than DeepSpeed's own Adam variants need this under ZeRO.
         ds.setdefault("zero_allow_untested_optimizer", True)
+    # DeepSpeed's throughput timer synchronizes the device at every micro-batch's forward and at every
+    # engine.step() unless told otherwise (timers.throughput.synchronized: "at the expense of performance"),
+    # so the host can never queue a micro-batch's kernels ahead of the GPU. It feeds only the samples/s line
+    # that steps_per_print logs; mtl_scale times steps itself. Off, unless the config says otherwise.
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
     _check_offload(ds, cfg, path)
     return ds
 

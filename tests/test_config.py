@@ -137,3 +137,20 @@ def test_output_dir_that_is_a_file_is_refused(tmp_path):
         check_output_dir_path(str(tmp_path / "f" / "run"))
     check_output_dir_path(str(tmp_path / "new" / "run"))  # missing directories are fine: they get created
     check_output_dir_path(str(tmp_path))
+
+
+def test_deepspeeds_synchronizing_throughput_timer_is_off_unless_configured(tmp_path):
+    """DeepSpeed's throughput timer syncs the device twice per micro-batch by default; the built config
+    turns it off (read back through DeepSpeed's own config parser), and keeps a config's own choice."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from mtl_scale.ds_config import build_ds_config
+
+    built = build_ds_config(load_config("configs/demo.yaml"), 1, 128)
+    timer = DeepSpeedConfig(built).timers_config
+    assert not timer.enabled
+    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    ds["timers"] = {"throughput": {"enabled": True, "synchronized": False}}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    own = build_ds_config(load_config("configs/demo.yaml", [f"deepspeed_config={tmp_path / 'ds.json'}"]), 1, 128)
+    timer = DeepSpeedConfig(own).timers_config
+    assert timer.enabled and not timer.synchronized
