@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17's GPU checks for a lent GPU (docs/GPU.md, "For the next lease"), one call of ~9 minutes: the GPU
 # tests (PyTorch's flash varlen kernel under sdpa_varlen, Liger), packed rows under sdpa's dense mask against
-# the varlen kernel (auto stage, Liger), the kernel profile of the varlen step, then 16 rows of token budget.
+# the varlen kernel (auto stage, Liger), the kernel profile of the varlen step, then 32,768 tokens a micro-batch.
 #
 #   OUT=/tmp/out bash bench/gpu_lease.sh
 #
@@ -39,5 +39,5 @@ run dense_vs_varlen 280 4 --variants ours-packed,ours-packed-varlen deepspeed_co
 run kernels_varlen 130 4 --variants ours-packed-varlen --steps 3 --kernel-profile $OUT/kernels deepspeed_config=auto \
     model.liger_kernels=true
 find $OUT/kernels -name '*.json' -size +40M -delete 2>/dev/null  # the .txt table is what must come back
-run varlen_16rows 130 16 --variants ours-packed-varlen deepspeed_config=auto model.liger_kernels=true
+run varlen_32k 130 16 --variants ours-packed-varlen deepspeed_config=auto model.liger_kernels=true
 echo "== [$((SECONDS-T0)) s] done"
