@@ -173,6 +173,10 @@ def test_zero3_two_ranks_equals_single_process_reference(case, tmp_path, tiny_mo
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     if cfg.surgery.method == "pcgrad":  # otherwise PCGrad would equal sum and prove nothing
         assert sum(m["surgery/projections"] for m in metrics) > 0
+    if cfg.model.attn_implementation == "sdpa_varlen":  # the engine's example bounds reached attention, every
+        for r in range(2):                               # layer of every packed training forward, and are right
+            varlen = json.loads((tmp_path / f"rank{r}_varlen.json").read_text())
+            assert varlen["packed"] > 0 and varlen["given"] == varlen["equal"] == varlen["packed"], varlen
     if cfg.batching.mode != "padded":  # the token budget, not micro_batch_size, decided the counts
         assert len({len(d["idx"]) for d in drawn[0] + drawn[1]}) > 1
         assert max(len(d["idx"]) for d in drawn[0]) > cfg.micro_batch_size

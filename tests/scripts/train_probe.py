@@ -6,6 +6,8 @@ Writes to <output_dir>:
   rank<r>_schedule.json  per step: the task plan and the example indices this rank drew (per micro-batch)
   rank<r>_eval.json      evaluate_during_training's metrics with the chunked held-out loss
                          (eval.loss_chunk_tokens) and with full logits, and this rank's head calls per batch
+  rank<r>_varlen.json    sdpa_varlen only: this rank's packed training forwards per layer, those given the
+                         engine's example bounds, and those whose bounds equal the position ids'
 """
 import json
 import sys
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 
 import mtl_scale.evaluate
-from mtl_scale import adapters
+from mtl_scale import adapters, attention
 from mtl_scale.cli import run_entry
 from mtl_scale.config import load_config
 from mtl_scale.evaluate import evaluate_during_training
@@ -26,6 +28,19 @@ PROBE_TEXT = ["sort [jihgfe] ->", "add 12 and 30 ->"]
 
 def main():
     cfg = load_config(sys.argv[1], sys.argv[2:])
+    varlen = {"packed": 0, "given": 0, "equal": 0}
+    attend = attention.sdpa_varlen_forward
+
+    def recording_attend(module, query, key, value, attention_mask, *args, position_ids=None, **kwargs):
+        if attention_mask is None and position_ids is not None and module.training:
+            varlen["packed"] += 1
+            if kwargs.get("cu_seq_lens_q") is not None:
+                varlen["given"] += 1
+                own = attention.varlen_kwargs(position_ids.expand(query.shape[0], -1).cpu())
+                varlen["equal"] += int(torch.equal(kwargs["cu_seq_lens_q"].cpu(), own["cu_seq_lens_q"])
+                                       and kwargs["max_length_q"] == own["max_length_q"])
+        return attend(module, query, key, value, attention_mask, *args, position_ids=position_ids, **kwargs)
+    attention.sdpa_varlen_forward = recording_attend  # what load_model registers with transformers
     run = setup(cfg)
     # Record the schedule and this rank's example draws by wrapping the sampler.
     drawn, take, take_batch = [], run.sampler.take, run.sampler.take_batch
@@ -45,6 +60,8 @@ def main():
     out = Path(cfg.output_dir)
     plans = [run.sampler.plan(s) for s in range(cfg.max_steps)]
     (out / f"rank{run.rank}_schedule.json").write_text(json.dumps({"plans": plans, "drawn": drawn}))
+    if cfg.model.attn_implementation == attention.NAME:
+        (out / f"rank{run.rank}_varlen.json").write_text(json.dumps(varlen))
 
     # Held-out loss on the trained, partitioned model: chunked (each rank's own head calls recorded) and full.
     calls, head_calls = [], mtl_scale.evaluate.head_calls
