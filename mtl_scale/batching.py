@@ -189,15 +189,24 @@ def attention_length(hf_config) -> float:
     examples there cost little more than their tokens. 0 (balance tokens) for a config without the fields.
     A weight for balancing, not an exact count: an MoE layer counts one expert, a non-gated MLP three
     matrices."""
-    c = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    c = _text_config(hf_config)
     hidden, heads, inter = (getattr(c, k, None) for k in ("hidden_size", "num_attention_heads",
                                                              "intermediate_size"))
     if not (hidden and heads and inter):
         return 0.0
-    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    head_dim = _head_dim(c)
     kv_heads = getattr(c, "num_key_value_heads", None) or heads
     weights = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * inter
     return weights / (heads * head_dim)
+
+
+def _text_config(hf_config):
+    """The language model's config (a multimodal config nests it)."""
+    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+
+
+def _head_dim(text_config) -> int:
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
 
 
 def best_fit_decreasing(items: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -362,9 +371,9 @@ def describe(cfg: RunConfig, hf_config=None, device: torch.device | str = "cpu")
     balance = f"compute (attention_length {attn:.0f})" if attn else "tokens"
     kernel = ""
     if cfg.model.attn_implementation == attention.NAME and hf_config is not None:
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        dropout = getattr(hf_config, "attention_dropout", 0.0)
-        kernel = f" ({attention.packed_kernel(device, DTYPES[cfg.model.dtype], head_dim, dropout)})"
+        c = _text_config(hf_config)
+        dropout = getattr(c, "attention_dropout", 0.0)
+        kernel = f" ({attention.packed_kernel(device, DTYPES[cfg.model.dtype], _head_dim(c), dropout)})"
     return (f"packed (<= {b.max_tokens} tokens per micro-batch, rows of <= {row_tokens(cfg)} balanced by "
             f"{balance}, {cfg.model.attn_implementation} attention{kernel} with position ids restarting per "
             f"example)")

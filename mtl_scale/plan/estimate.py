@@ -330,7 +330,7 @@ def _varlen_extra(inp: PlanInputs, h: int, kv: int, p: int) -> int:
     varlen kernel (mtl_scale/attention.py) saves what sdpa does, with the KV heads repeated where its
     ``varlen_attn`` takes no ``enable_gqa``; else the loop's per-example outputs, which sdpa saves besides
     their concatenation (o_proj's input)."""
-    from mtl_scale import attention
+    from mtl_scale import attention  # here, not at the top: importing this module stays free of torch
     kernel = attention.torch_varlen() if inp.device == "cuda" and inp.dtype != "fp32" else None
     if kernel is None:
         return p * h
