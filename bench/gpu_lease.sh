@@ -7,7 +7,8 @@
 #
 # On a machine without network (the lent ones): wheels of this project's dependencies in .whl/ are installed
 # to /tmp/site first (the machine's own torch is kept), and .gpu/gsm8k_test.jsonl, where there is no
-# ../shared, stands in for ../shared/data/gsm8k/test.jsonl. Logs, JSON results and kernel tables go to $OUT.
+# ../shared, stands in for ../shared/data/gsm8k/test.jsonl; bench/gpu_wheels.sh, run where the registry is
+# reachable, writes both. Logs, JSON results and kernel tables go to $OUT.
 set -uo pipefail
 T0=$SECONDS
 cd "$(dirname "$0")/.."
