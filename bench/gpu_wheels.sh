@@ -18,6 +18,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+GSM8K=../shared/data/gsm8k/test.jsonl
+[ -x "$PY" ] || { echo "gpu_wheels.sh: no $PY (run make setup first, or set PY to the tested venv's python)" >&2; exit 2; }
+[ -f "$GSM8K" ] || { echo "gpu_wheels.sh: no $GSM8K beside the checkout (the realistic workload's data)" >&2; exit 2; }
 # Carried: the project's runtime dependencies the machine lacks (DeepSpeed and its pydantic, datasets and
 # its dill/multiprocess) or holds at another version than the one tested here (huggingface-hub 1.33 there;
 # 2.x, tested here, needs httpx2 and a newer click), and Liger.
@@ -44,7 +47,7 @@ for name in $CARRY; do
         -d .whl "$name==$version" 2>&1 | { grep -v "^WARNING: Location" || true; }
   fi
 done
-cp ../shared/data/gsm8k/test.jsonl .gpu/gsm8k_test.jsonl
+cp "$GSM8K" .gpu/gsm8k_test.jsonl
 git rev-parse --short HEAD > .gpu/commit
 # Every requirement of a carried wheel, as its markers read on the machine (Python 3.12, Linux x86_64, no
 # extras), is carried or there.
