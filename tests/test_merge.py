@@ -236,9 +236,11 @@ def test_merge_run_loads_the_base_once_and_folds_the_best_merge_into_it(fake_run
     assert report["full_model"]["from_adapter"] == str(tmp_path / "adapters" / best)
     full = AutoModelForCausalLM.from_pretrained(tmp_path / "full_model").eval()
     ref = PeftModel.from_pretrained(load_base(str(tiny_model_dir), "fp32"), str(tmp_path / "adapters" / best)).eval()
-    torch.testing.assert_close(_logits(full, tiny_tokenizer), _logits(ref, tiny_tokenizer), atol=1e-5, rtol=1e-5)
+    # fp32 rounding of W + BA against W·x + B(A·x) on logits up to ~15: measured 0.8-1.4e-5 at most, varying
+    # with the thread count (1e-5 failed one full-suite run); the merge itself moves the logits by ~5
+    torch.testing.assert_close(_logits(full, tiny_tokenizer), _logits(ref, tiny_tokenizer), atol=1e-4, rtol=1e-4)
     with ref.disable_adapter():  # and the merge is in it: the base alone differs
-        assert (_logits(ref, tiny_tokenizer) - _logits(full, tiny_tokenizer)).abs().max() > 1e-4
+        assert (_logits(ref, tiny_tokenizer) - _logits(full, tiny_tokenizer)).abs().max() > 1e-1
 
 
 def test_device_map_defaults_to_auto_only_with_cuda(monkeypatch):
